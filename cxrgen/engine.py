@@ -1,0 +1,115 @@
+"""Loaded networks plus the per-batch work: embeddings, noise, guided sampling, decoding."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from cxrgen.bundle import SCALE_FACTOR, LoadedBundle
+from cxrgen.errors import InputError
+from cxrgen.plan import WorkItem
+from cxrgen.sampling import decode_to_uint8, initial_latents, sample_cfg
+from cxrgen.schedulers import make_scheduler
+from cxrgen.text import TextEncoder
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """auto -> cuda when available, else cpu; a CUDA request without CUDA is an input error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s); "
+                             f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """auto -> float32 on CPU, bfloat16 on CUDA (float16 where the GPU lacks bfloat16)."""
+    if dtype != "auto":
+        return dtype
+    if device.type != "cuda":
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Images per UNet call when --batch-size is 0: small on CPU, sized from free memory on CUDA."""
+    if device.type != "cuda":
+        return 4
+    free, _ = torch.cuda.mem_get_info(device)
+    # ~0.45 GiB of activations per image at 512x512 in 16-bit autocast (2 guidance rows), measured
+    # headroom kept for the decoder and the allocator.
+    return int(max(1, min(128, (free - 6 * 2**30) // int(0.45 * 2**30))))
+
+
+@dataclass
+class EngineOptions:
+    """Resolved speed and precision options of one engine."""
+
+    device: torch.device
+    dtype: str  # float32, bfloat16 or float16
+    scheduler: str
+    steps: int
+    decode_batch_size: int = 0
+    channels_last: bool = False
+    compile: bool = False
+
+
+class Engine:
+    """Makes uint8 images for a batch of work items; holds models loaded once."""
+
+    def __init__(self, bundle: LoadedBundle, text: TextEncoder, options: EngineOptions):
+        cross = bundle.spec.unet_args.get("cross_attention_dim")
+        if cross is not None and int(cross) != text.width:
+            raise InputError(f"text encoder {text.source} gives {text.width}-wide embeddings but the UNet's "
+                             f"cross_attention_dim in {bundle.spec.root}/configs/inference.json is {cross}; "
+                             "use the text encoder the bundle was trained with")
+        self.bundle, self.text, self.options = bundle, text, options
+        self.unet = bundle.unet.to(options.device)
+        self.autoencoder = bundle.autoencoder.to(options.device)
+        if options.channels_last:
+            self.unet = self.unet.to(memory_format=torch.channels_last)
+        self._unet_call = torch.compile(self.unet) if options.compile else self.unet
+
+    def _autocast(self):
+        dtype = _DTYPES[self.options.dtype]
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.options.device.type, dtype=dtype)
+
+    def denoise(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """UNet output in float32, under autocast when a 16-bit dtype is chosen."""
+        if self.options.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            return self._unet_call(x, timesteps=timesteps, context=context).float()
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Autoencoder decoder in float32: it is ~1% of the work and sets the final pixels."""
+        return self.autoencoder.decode_stage_2_outputs(z)
+
+    def latents(self, items: list[WorkItem]) -> torch.Tensor:
+        """Initial noise of each item by the noise contract, on the device."""
+        return initial_latents([i.seed for i in items], self.bundle.spec.latent_shape).to(self.options.device)
+
+    @torch.no_grad()
+    def run_batch(self, items: list[WorkItem], on_step=None) -> torch.Tensor:
+        """(B, H, W) uint8 images for the items, in order."""
+        device = self.options.device
+        # 1. prompt_embeds and negative prompt_embeds, cached per distinct prompt
+        prompt_embeds = self.text.encode([i.prompt for i in items], device)
+        negative_embeds = self.text.encode([i.negative_prompt for i in items], device)
+        guidance_scale = torch.tensor([i.guidance_scale for i in items], dtype=torch.float32, device=device)
+        # 2. guided sampling from each image's own noise
+        scheduler = make_scheduler(self.options.scheduler, self.bundle.spec.scheduler_args, self.options.steps)
+        latents = sample_cfg(self.denoise, self.latents(items), prompt_embeds, negative_embeds,
+                             guidance_scale, scheduler, on_step=on_step)
+        # 3. decode to pixels exactly as the reference converts them
+        return decode_to_uint8(self.decode, latents, SCALE_FACTOR, self.options.decode_batch_size)

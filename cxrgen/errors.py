@@ -1,0 +1,28 @@
+"""One exception family for everything cxrgen refuses or fails to do."""
+from __future__ import annotations
+
+
+class CxrgenError(Exception):
+    """Base of every error cxrgen raises on purpose; the CLI prints it as one line."""
+
+    exit_code = 2
+
+
+class InputError(CxrgenError):
+    """Bad manifest, option, bundle or output folder: nothing was written."""
+
+    exit_code = 2
+
+
+class RunError(CxrgenError):
+    """The run started but could not finish (I/O error, full disk); it can be resumed."""
+
+    exit_code = 1
+
+
+class Interrupted(CxrgenError):
+    """SIGINT or SIGTERM stopped the run after flushing what was finished."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -1,0 +1,116 @@
+"""What an output folder holds: which images are done, the final metadata table, status reports."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from cxrgen.errors import InputError
+from cxrgen.manifest import Manifest
+from cxrgen.plan import WorkItem
+from cxrgen.store import TMP_MARK, read_records, write_metadata
+
+
+def read_run_json(out: Path) -> dict | None:
+    """OUT/run.json, or None when absent; a damaged one is an input error."""
+    path = Path(out) / "run.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(f"{path} is damaged (not JSON); this folder cannot be resumed") from None
+    if not isinstance(data, dict) or "config" not in data or "settings" not in data:
+        raise InputError(f"{path} is not a cxrgen run.json; choose another folder")
+    return data
+
+
+def image_ok(path: Path) -> bool:
+    """True when the file exists and decodes completely."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def done_items(out: Path, plan: list[WorkItem]) -> set[str]:
+    """image_ids that are recorded AND whose file is present and decodes."""
+    records = read_records(out)
+    return {item.image_id for item in plan
+            if item.image_id in records and image_ok(out / item.file_name)}
+
+
+def temp_files(out: Path) -> list[Path]:
+    """Leftover temporary files of interrupted writes."""
+    images = out / "images"
+    return sorted(images.rglob(f".*{TMP_MARK}*")) if images.is_dir() else []
+
+
+def finalize(out: Path, plan: list[WorkItem], manifest: Manifest) -> Path | None:
+    """Write metadata.parquet once every planned image is done; returns its path, or None."""
+    records = read_records(out)
+    if any(item.image_id not in records or not (out / item.file_name).is_file() for item in plan):
+        return None
+    for path in temp_files(out):
+        path.unlink(missing_ok=True)
+    ordered = [dict(records[item.image_id], file_name=item.file_name) for item in plan]
+    return write_metadata(out, ordered, manifest.labels, [item.row for item in plan])
+
+
+@dataclass
+class RunStatus:
+    """cxrgen status: counts and problems of one output folder."""
+
+    out: Path
+    planned: int
+    done: int
+    missing_files: list[str] = field(default_factory=list)  # recorded, but file missing or undecodable
+    orphaned_files: list[str] = field(default_factory=list)  # image file with no record
+    temp_files: list[str] = field(default_factory=list)
+    finalized: bool = False  # metadata.parquet covers every planned image
+
+    @property
+    def remaining(self) -> int:
+        return self.planned - self.done
+
+    @property
+    def complete(self) -> bool:
+        return self.remaining == 0 and self.finalized
+
+
+def inspect_run(out: str | Path) -> RunStatus:
+    """Count planned, done and remaining images and find files without records and records without files."""
+    out = Path(out)
+    saved = read_run_json(out)
+    if saved is None:
+        raise InputError(f"{out} is not a cxrgen run (no run.json)")
+    records = read_records(out)
+    recorded_files = {r.get("file_name") for r in records.values()}
+    ok = {name for name in recorded_files if name and image_ok(out / name)}
+    images = out / "images"
+    on_disk = {str(p.relative_to(out)) for p in images.rglob("*") if p.is_file() and TMP_MARK not in p.name} \
+        if images.is_dir() else set()
+    status = RunStatus(
+        out=out, planned=int(saved["settings"]["planned_images"]), done=len(ok),
+        missing_files=sorted(n for n in recorded_files if n and n not in ok),
+        orphaned_files=sorted(on_disk - recorded_files),
+        temp_files=[str(p.relative_to(out)) for p in temp_files(out)],
+    )
+    status.finalized = _metadata_rows(out) == status.planned and status.remaining == 0
+    return status
+
+
+def _metadata_rows(out: Path) -> int:
+    path = out / "metadata.parquet"
+    if not path.is_file():
+        return -1
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:  # noqa: BLE001 - a damaged table counts as not finalised
+        return -1

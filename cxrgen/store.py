@@ -1,0 +1,164 @@
+"""Crash-safe output: atomic file writes, an append-only journal of finished images, the final table."""
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from cxrgen.errors import RunError
+
+STATE_DIR = ".cxrgen"  # journal, lock and claims live here, beside images/
+RECORDS_DIR = f"{STATE_DIR}/records"
+TMP_MARK = ".tmp-"
+
+# Fixed column types, so an empty run and a resumed run write the same schema.
+METADATA_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("file_name", pa.string()), ("prompt", pa.string()),
+    ("negative_prompt", pa.string()), ("manifest_row", pa.int64()), ("row_id", pa.string()),
+    ("sample_index", pa.int64()), ("seed", pa.int64()), ("guidance_scale", pa.float64()),
+    ("steps", pa.int64()), ("scheduler", pa.string()), ("height", pa.int64()), ("width", pa.int64()),
+    ("model_name", pa.string()), ("model_version", pa.string()), ("autoencoder_md5", pa.string()),
+    ("diffusion_model_md5", pa.string()), ("text_encoder", pa.string()), ("dtype", pa.string()),
+    ("device_type", pa.string()), ("cxrgen_version", pa.string()), ("token_count", pa.int64()),
+    ("truncated", pa.bool_()), ("created_at", pa.string()), ("worker", pa.string()),
+])
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, fsync, rename into place, fsync the folder."""
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        raise io_error(path, exc) from None
+
+
+def io_error(path: Path, exc: OSError) -> RunError:
+    """One-line RunError naming the path; full disk gets its own advice."""
+    if exc.errno == errno.ENOSPC:
+        return RunError(f"no space left on the device while writing {path}; free some space, then run "
+                        f"`cxrgen resume {_run_root(path)}`")
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return RunError(f"cannot write {path}: {reason}; fix the problem, then run `cxrgen resume {_run_root(path)}`")
+
+
+def _run_root(path: Path) -> Path:
+    for parent in path.parents:
+        if (parent / STATE_DIR).is_dir():
+            return parent
+    return path.parent
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename durable (best effort on systems that cannot open folders)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+def encode_image(pixels, image_format: str, jpeg_quality: int) -> bytes:
+    """8-bit grayscale JPEG or PNG bytes of an (H, W) uint8 array, no transpose or flip."""
+    buffer = io.BytesIO()
+    image = Image.fromarray(pixels)  # a 2-D uint8 array is mode "L"
+    if image_format == "png":
+        image.save(buffer, format="PNG")
+    else:
+        image.save(buffer, format="JPEG", quality=jpeg_quality)
+    return buffer.getvalue()
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomically write pretty JSON."""
+    atomic_write(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+class Journal:
+    """Append-only JSON-lines file of finished images, one per writer process; fsynced per batch."""
+
+    def __init__(self, out: Path, writer: str):
+        self.path = out / RECORDS_DIR / f"part-{writer}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        torn = self.path.is_file() and self.path.stat().st_size > 0 and _last_byte(self.path) != b"\n"
+        self._handle = open(self.path, "a", encoding="utf-8")
+        if torn:
+            # A kill tore the last line: end it so the next record starts on a line of its own.
+            self._handle.write("\n")
+
+    def append(self, records: list[dict]) -> None:
+        """Record images whose files are already in place, durably."""
+        if not records:
+            return
+        try:
+            self._handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        except OSError as exc:
+            raise io_error(self.path, exc) from None
+
+    def close(self) -> None:
+        """Close the file; records already appended stay."""
+        self._handle.close()
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1)
+
+
+def read_records(out: Path) -> dict[str, dict]:
+    """Every recorded image by image_id (first record wins); a torn last line from a kill is skipped."""
+    records: dict[str, dict] = {}
+    folder = out / RECORDS_DIR
+    for part in sorted(folder.glob("part-*.jsonl")) if folder.is_dir() else []:
+        with open(part, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if not line.endswith("\n"):
+                    continue  # torn write: the image is regenerated on resume
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                records.setdefault(record.get("image_id"), record)
+    return records
+
+
+def write_metadata(out: Path, records: list[dict], labels: pa.Table, rows: list[int]) -> Path:
+    """metadata.parquet: one row per image in plan order, the manifest's label columns appended."""
+    table = pa.Table.from_pylist(records, schema=METADATA_SCHEMA)
+    picked = labels.take(pa.array([r - 1 for r in rows], type=pa.int64())) if labels.num_columns else None
+    for name in labels.column_names if picked is not None else []:
+        column_name = name if name not in table.column_names else f"label_{name}"
+        table = table.append_column(column_name, picked.column(name))
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    path = out / "metadata.parquet"
+    atomic_write(path, buffer.getvalue().to_pybytes())
+    return path

@@ -1,0 +1,27 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory) -> Path:
+    """A tiny bundle (v1.0.1 config, old checkpoint layout) shared by the session; never modify it."""
+    return tiny.build_bundle(tmp_path_factory.mktemp("bundle") / "tiny_bundle")
+
+
+@pytest.fixture(scope="session")
+def text_encoder_dir(tmp_path_factory) -> Path:
+    """A tiny random CLIP text encoder with the real SD 2.x tokenizer files."""
+    return tiny.build_text_encoder(tmp_path_factory.mktemp("text") / "clip")
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    # No test may reach the network, even by accident.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
