@@ -67,12 +67,14 @@ class BatchLoop:
         self.written = 0
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cxrgen-write")
 
-    def _write_one(self, item: WorkItem, pixels) -> dict:
+    def _write_one(self, item: WorkItem, pixels, tokens: dict) -> dict:
         atomic_write(self.out / item.file_name, encode_image(pixels, self.image_format, self.jpeg_quality))
-        return make_record(item, self.common, self.token_info(item.prompt))
+        return make_record(item, self.common, tokens)
 
     def _submit(self, items: list[WorkItem], images) -> list[Future]:
-        return [self._pool.submit(self._write_one, item, images[i].numpy()) for i, item in enumerate(items)]
+        # Tokenize here, on the sampling thread: the tokenizer is not thread-safe (padding state).
+        return [self._pool.submit(self._write_one, item, images[i].numpy(), self.token_info(item.prompt))
+                for i, item in enumerate(items)]
 
     def _drain(self, futures: list[Future]) -> None:
         """Journal every image whose file landed; re-raise the first write error after that."""

@@ -1,6 +1,7 @@
 """The CLIP tokenizer and text encoder that turn prompts into prompt_embeds, cached per prompt."""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,8 @@ class TextEncoder:
         self.model = model.eval().requires_grad_(False)
         self.source = source
         self._cache: dict[str, torch.Tensor] = {}
+        # The tokenizer keeps padding/truncation state between calls; callers on other threads must queue.
+        self._lock = threading.Lock()
 
     @property
     def width(self) -> int:
@@ -36,7 +39,8 @@ class TextEncoder:
 
     def token_info(self, prompt: str) -> TokenInfo:
         """Token count before truncation, and whether the model sees all of it."""
-        count = len(self.tokenizer(prompt, truncation=False)["input_ids"])
+        with self._lock:
+            count = len(self.tokenizer(prompt, truncation=False)["input_ids"])
         return TokenInfo(count, count > MAX_TOKENS)
 
     @torch.no_grad()
@@ -47,8 +51,9 @@ class TextEncoder:
         for prompt in dict.fromkeys(prompts):
             if prompt not in self._cache:
                 # One prompt per call: its embedding must not depend on which prompts share a batch.
-                ids = self.tokenizer([prompt], padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                                     return_tensors="pt").input_ids
+                with self._lock:
+                    ids = self.tokenizer([prompt], padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                                         return_tensors="pt").input_ids
                 self._cache[prompt] = self.model(ids.to(self.model.device))[0][0].float().cpu()
         return torch.stack([self._cache[p] for p in prompts]).to(device)
 
