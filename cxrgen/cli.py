@@ -10,6 +10,7 @@ import typer
 from cxrgen import __version__
 from cxrgen.config import DEFAULT_MODEL, DEFAULT_TEXT_ENCODER, RunConfig, default_cache_dir
 from cxrgen.errors import CxrgenError
+from cxrgen.workers import rank_from_env
 
 app = typer.Typer(
     help="Turn a table of radiology-report sentences into a labelled synthetic chest X-ray dataset "
@@ -20,8 +21,9 @@ app = typer.Typer(
 # Options shared by generate and resume: none of them changes pixels.
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per UNet call; 0 picks one for the device.")]
 DecodeBatch = Annotated[int, typer.Option("--decode-batch-size", help="Latents per decoder call; 0 = whole batch.")]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-Workers = Annotated[int, typer.Option("--workers", help="Worker processes on this machine.")]
+Device = Annotated[str, typer.Option("--device", "--devices", help="auto (every visible GPU, else CPU), cpu, "
+                                     "cuda:N, or a list such as cuda:0,cuda:2 (one worker per device).")]
+Workers = Annotated[int, typer.Option("--workers", help="Worker processes on this machine (CPU: N processes).")]
 ChannelsLast = Annotated[bool, typer.Option("--channels-last", help="channels_last UNet (CUDA speed option).")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (compile time reported apart).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
@@ -90,7 +92,7 @@ def generate(
             device=device, dtype=dtype, channels_last=channels_last, compile=compile, image_format=image_format,
             jpeg_quality=jpeg_quality, workers=workers, quiet=quiet,
         )
-        run_generate(config)
+        run_generate(config, rank=rank_from_env(os.environ))
     except CxrgenError as exc:
         _fail(exc)
 
@@ -101,7 +103,8 @@ def resume(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per UNet call.")] = None,
     decode_batch_size: Annotated[Optional[int], typer.Option("--decode-batch-size", help="Latents per "
                                                              "decoder call.")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", "--devices", help="auto, cpu, cuda:N or a "
+                                                  "list cuda:0,cuda:2.")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Worker processes.")] = None,
     cache_dir: CacheDir = None, quiet: Quiet = False,
 ) -> None:
@@ -114,7 +117,7 @@ def resume(
     try:
         from cxrgen.run import resume as run_resume
 
-        run_resume(out, batch_size=batch_size, decode_batch_size=decode_batch_size, device=device,
+        run_resume(out, rank=rank_from_env(os.environ), batch_size=batch_size, decode_batch_size=decode_batch_size, device=device,
                    workers=workers, cache_dir=str(cache_dir) if cache_dir else None, quiet=quiet)
     except CxrgenError as exc:
         _fail(exc)
@@ -123,6 +126,8 @@ def resume(
 @app.command()
 def status(
     out: Annotated[Path, typer.Argument(help="Output folder of a run.")],
+    finalize: Annotated[bool, typer.Option("--finalize", help="Write metadata.parquet if every image is done "
+                                           "but no process merged the records (e.g. a rank died).")] = False,
 ) -> None:
     """Show planned, done and remaining images of OUT and any damaged or orphaned files.
 
@@ -134,6 +139,11 @@ def status(
         from cxrgen.state import inspect_run
 
         report = inspect_run(out)
+        if finalize and report.remaining == 0 and not report.finalized:
+            from cxrgen.run import finalize_run
+
+            finalize_run(out)
+            report = inspect_run(out)
     except CxrgenError as exc:
         _fail(exc)
     typer.echo(f"run:       {report.out}")

@@ -37,7 +37,7 @@ class RunConfig:
     scheduler: str = "ddim"  # "ddim" (the model card's) or "dpmpp2m" (DPM-Solver++(2M), fewer steps)
     batch_size: int = 0  # images per UNet call; 0 picks one for the device
     decode_batch_size: int = 0  # latents per decoder call; 0 decodes the whole batch at once
-    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
+    device: str = "auto"  # "auto" (every visible GPU, else CPU), "cpu", "cuda:N" or a list "cuda:0,cuda:2"
     dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 (or float16) autocast on CUDA
     channels_last: bool = False  # channels_last memory format for the UNet (a CUDA speed option)
     compile: bool = False  # torch.compile the UNet; compile time is reported separately
@@ -60,8 +60,9 @@ class RunConfig:
         _check_range("seed", self.seed, 0, 2**63 - 1)
         if not (0 <= self.guidance_scale <= 100):
             raise InputError(f"--guidance-scale {self.guidance_scale}: use a value between 0 and 100")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise InputError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        for device in self.device.split(","):
+            if not (device.strip() in ("auto", "cpu", "cuda") or device.strip().startswith("cuda:")):
+                raise InputError(f"--device {self.device!r}: use auto, cpu, cuda, cuda:N or a list cuda:0,cuda:2")
 
     def to_dict(self) -> dict:
         """The settings as a JSON-ready dict."""

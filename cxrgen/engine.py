@@ -49,6 +49,15 @@ def default_batch_size(device: torch.device) -> int:
     return int(max(1, min(128, (free - 6 * 2**30) // int(0.45 * 2**30))))
 
 
+def check_widths(bundle: LoadedBundle, text: TextEncoder) -> None:
+    """The text encoder's width must equal the UNet's cross_attention_dim."""
+    cross = bundle.spec.unet_args.get("cross_attention_dim")
+    if cross is not None and int(cross) != text.width:
+        raise InputError(f"text encoder {text.source} gives {text.width}-wide embeddings but the UNet's "
+                         f"cross_attention_dim in {bundle.spec.root}/configs/inference.json is {cross}; "
+                         "use the text encoder the bundle was trained with")
+
+
 @dataclass
 class EngineOptions:
     """Resolved speed and precision options of one engine."""
@@ -66,11 +75,7 @@ class Engine:
     """Makes uint8 images for a batch of work items; holds models loaded once."""
 
     def __init__(self, bundle: LoadedBundle, text: TextEncoder, options: EngineOptions):
-        cross = bundle.spec.unet_args.get("cross_attention_dim")
-        if cross is not None and int(cross) != text.width:
-            raise InputError(f"text encoder {text.source} gives {text.width}-wide embeddings but the UNet's "
-                             f"cross_attention_dim in {bundle.spec.root}/configs/inference.json is {cross}; "
-                             "use the text encoder the bundle was trained with")
+        check_widths(bundle, text)
         self.bundle, self.text, self.options = bundle, text, options
         self.unet = bundle.unet.to(options.device)
         self.autoencoder = bundle.autoencoder.to(options.device)

@@ -60,3 +60,23 @@ def _read_holder(fd: int) -> str:
     except OSError:
         return ""
     return f" (pid {text})" if text.isdigit() else ""
+
+
+class MergeLock:
+    """Blocking exclusive flock for the one-time merge of all ranks' records into metadata.parquet."""
+
+    def __init__(self, state_dir: Path):
+        self.path = state_dir / "merge.lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> "MergeLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

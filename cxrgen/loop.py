@@ -23,8 +23,9 @@ class StopRequested(Exception):
 class SignalGuard:
     """Turns SIGINT/SIGTERM into a flag the loop checks between UNet calls (main thread only)."""
 
-    def __init__(self):
+    def __init__(self, stop_check: Callable[[], bool] | None = None):
         self.signum: int | None = None
+        self._stop_check = stop_check  # e.g. "my parent process died": stop as if SIGTERM arrived
         self._previous: dict = {}
 
     def __enter__(self) -> "SignalGuard":
@@ -38,6 +39,8 @@ class SignalGuard:
 
     def check(self, *_args) -> None:
         """Raise StopRequested once a signal has arrived."""
+        if self.signum is None and self._stop_check is not None and self._stop_check():
+            self.signum = signal.SIGTERM
         if self.signum is not None:
             raise StopRequested()
 

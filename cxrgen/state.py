@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,7 +12,8 @@ from PIL import Image
 from cxrgen.errors import InputError
 from cxrgen.manifest import Manifest
 from cxrgen.plan import WorkItem
-from cxrgen.store import TMP_MARK, read_records, write_metadata
+from cxrgen.lock import MergeLock
+from cxrgen.store import STATE_DIR, TMP_MARK, read_records, write_metadata
 
 
 def read_run_json(out: Path) -> dict | None:
@@ -59,6 +62,20 @@ def finalize(out: Path, plan: list[WorkItem], manifest: Manifest) -> Path | None
         path.unlink(missing_ok=True)
     ordered = [dict(records[item.image_id], file_name=item.file_name) for item in plan]
     return write_metadata(out, ordered, manifest.labels, [item.row for item in plan])
+
+
+def finalize_once(out: Path, plan: list[WorkItem], manifest: Manifest) -> Path | None:
+    """finalize() under the merge lock; ranks finishing together write metadata.parquet exactly once."""
+    with MergeLock(out / STATE_DIR):
+        if _metadata_rows(out) == len(plan):
+            return out / "metadata.parquet"
+        path = finalize(out, plan, manifest)
+        if path is not None:
+            # An audit trail: one line per merge, so "merged exactly once" can be checked.
+            with open(out / STATE_DIR / "merges.log", "a", encoding="utf-8") as handle:
+                handle.write(f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} pid {os.getpid()} "
+                             f"merged {len(plan)} records\n")
+        return path
 
 
 @dataclass

@@ -103,3 +103,18 @@ def build_text_encoder(root: Path, seed: int = 0, width: int = WIDTH) -> Path:
     model.save_pretrained(root / "text_encoder")
     shutil.copytree(TOKENIZER, root / "tokenizer", dirs_exist_ok=True)
     return root
+
+
+def slow_first_worker(engine, name: str):
+    """engine_hook for tests: worker w0 sleeps before every batch (picklable: module-level)."""
+    import time
+
+    if name == "w0":
+        original = engine.run_batch
+
+        def slow(items, on_step=None):
+            time.sleep(1.5)
+            return original(items, on_step)
+
+        engine.run_batch = slow
+    return engine
