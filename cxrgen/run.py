@@ -108,7 +108,7 @@ def generate(config: RunConfig, *, bundle_source: BundleSource = monai_source, l
         done = done_items(out, plan)
         todo = rank_share([i for i in plan if i.image_id not in done], rank) if rank else \
             [i for i in plan if i.image_id not in done]
-        if saved is not None and not config.quiet:
+        if (done or (saved is not None and rank is None)) and not config.quiet:
             log(f"{_prefix(rank)}resuming the run in {out}: {len(done)} of {len(plan)} image(s) already done")
         batch_size = config.batch_size or default_batch_size(resolve_device(devices[0]))
         batches = list(batches_of(todo, batch_size))
