@@ -28,7 +28,7 @@ ChannelsLast = Annotated[bool, typer.Option("--channels-last", help="channels_la
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (compile time reported apart).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
 CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Bundle download cache "
-                                                  "[default: $CXRGEN_HOME or ~/.cache/cxrgen].")]
+                                                  "(default: $CXRGEN_HOME or ~/.cache/cxrgen).")]
 
 
 def _fail(exc: CxrgenError) -> None:
@@ -51,8 +51,8 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 @app.command()
 def generate(
     manifest: Annotated[Path, typer.Argument(help="CSV, TSV or Parquet file with a prompt column.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder [default: beside the "
-                                                "manifest, named after it].")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: beside the "
+                                                "manifest, named after it).")] = None,
     manifest_format: Annotated[str, typer.Option(help="auto, csv, tsv or parquet.")] = "auto",
     prompt_column: Annotated[str, typer.Option(help="Column holding the report sentence.")] = "prompt",
     allow_empty_prompt: Annotated[bool, typer.Option(help="Blank prompts make unconditional samples.")] = False,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from cxrgen.bundle import SCALE_FACTOR, LoadedBundle
-from cxrgen.errors import InputError
+from cxrgen.errors import InputError, RunError
 from cxrgen.plan import WorkItem
 from cxrgen.sampling import decode_to_uint8, initial_latents, sample_cfg
 from cxrgen.schedulers import make_scheduler
@@ -82,6 +82,7 @@ class Engine:
         if options.channels_last:
             self.unet = self.unet.to(memory_format=torch.channels_last)
         self._unet_call = torch.compile(self.unet) if options.compile else self.unet
+        self.max_batch = 0  # lowered after an out-of-memory error; 0 = no limit
 
     def _autocast(self):
         dtype = _DTYPES[self.options.dtype]
@@ -104,9 +105,24 @@ class Engine:
         """Initial noise of each item by the noise contract, on the device."""
         return initial_latents([i.seed for i in items], self.bundle.spec.latent_shape).to(self.options.device)
 
-    @torch.no_grad()
     def run_batch(self, items: list[WorkItem], on_step=None) -> torch.Tensor:
-        """(B, H, W) uint8 images for the items, in order."""
+        """(B, H, W) uint8 images for the items, in order; on out-of-memory the batch is halved, not lost."""
+        size = self.max_batch
+        if size and len(items) > size:
+            return torch.cat([self.run_batch(items[i:i + size], on_step) for i in range(0, len(items), size)])
+        try:
+            return self._run_batch(items, on_step)
+        except torch.cuda.OutOfMemoryError:
+            if len(items) == 1:
+                raise RunError(f"out of GPU memory on {self.options.device} even for one image; free the GPU "
+                               "or use --dtype bfloat16") from None
+            # Each image owns its noise, so smaller batches give the same images.
+            torch.cuda.empty_cache()
+            self.max_batch = len(items) // 2
+            return self.run_batch(items, on_step)
+
+    @torch.no_grad()
+    def _run_batch(self, items: list[WorkItem], on_step=None) -> torch.Tensor:
         device = self.options.device
         # 1. prompt_embeds and negative prompt_embeds, cached per distinct prompt
         prompt_embeds = self.text.encode([i.prompt for i in items], device)

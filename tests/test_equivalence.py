@@ -112,3 +112,19 @@ def test_batch_size_does_not_change_ids_seeds_or_pixels(tmp_path, bundle_dir, te
         assert list(meta.seed) == list(base.seed)
         for name in base.file_name:
             assert_close(pixels(tmp_path / f"b{b}", name), pixels(tmp_path / "b1", name))
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_images(tmp_path, bundle_dir, text_encoder_dir):
+    rows = [{"prompt": p} for p in ("Pleural effusion", "Pneumothorax on the left", "No acute findings")]
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    common = dict(manifest=str(manifest), model=str(bundle_dir), text_encoder=str(text_encoder_dir), steps=STEPS,
+                  image_format="png", quiet=True, num_images=2)
+    generate(RunConfig(out=str(tmp_path / "small"), batch_size=2, **common))
+    result = generate(RunConfig(out=str(tmp_path / "oom"), batch_size=6, **common),
+                      engine_hook=tiny.oom_above_two_images)
+    assert result.written == 6
+    small, oom = (pd.read_parquet(tmp_path / n / "metadata.parquet") for n in ("small", "oom"))
+    assert list(small.image_id) == list(oom.image_id)
+    for name in small.file_name:
+        assert_close(pixels(tmp_path / "oom", name), pixels(tmp_path / "small", name))

@@ -118,3 +118,18 @@ def slow_first_worker(engine, name: str):
 
         engine.run_batch = slow
     return engine
+
+
+def oom_above_two_images(engine, name: str):
+    """engine_hook for tests: the UNet 'runs out of memory' for more than 2 images (4 guidance rows)."""
+    import torch
+
+    original = engine.denoise
+
+    def denoise(x, timesteps, context):
+        if x.shape[0] > 4:
+            raise torch.cuda.OutOfMemoryError("simulated: CUDA out of memory")
+        return original(x, timesteps, context)
+
+    engine.denoise = denoise
+    return engine
