@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 
 from cxrgen.errors import Interrupted, RunError
 from cxrgen.plan import WorkItem
-from cxrgen.store import Journal, atomic_write, encode_image
+from cxrgen.store import Journal, atomic_write, encode_image, resume_command
 
 _EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -103,15 +103,15 @@ class BatchLoop:
                 # 2. sample and decode (the signal flag is checked between UNet calls)
                 images = self.engine.run_batch(items, on_step=guard.check)
                 # 3. hand pixels to writer threads, then journal the previous batch
-                submitted = self._submit(items, images)
-                self._drain(pending)
-                pending = submitted
-            self._drain(pending)
-            pending = []
+                # (hand `pending` over before draining it: a failed drain must not journal it a second time)
+                previous, pending = pending, self._submit(items, images)
+                self._drain(previous)
+            last, pending = pending, []
+            self._drain(last)
         except StopRequested:
             self._drain(pending)
             raise Interrupted(f"stopped by {signal.Signals(guard.signum).name} after writing {self.written} "
-                              f"image(s); finish with `cxrgen resume {self.out}`", _EXIT_CODES[guard.signum])
+                              f"image(s); finish with `{resume_command(self.out)}`", _EXIT_CODES[guard.signum])
         except BaseException:
             self._finish_quietly(pending)
             raise

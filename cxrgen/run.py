@@ -23,7 +23,7 @@ from cxrgen.loop import BatchLoop, SignalGuard, Throughput, batches_of
 from cxrgen.manifest import Manifest, read_manifest
 from cxrgen.plan import WorkItem, make_plan
 from cxrgen.state import done_items, finalize_once, read_run_json
-from cxrgen.store import STATE_DIR, Journal, write_json
+from cxrgen.store import STATE_DIR, TMP_MARK, Journal, write_json
 from cxrgen.text import load_text_encoder
 from cxrgen.workers import Rank, WorkerResult, local_devices, rank_share, run_local_workers
 
@@ -71,8 +71,9 @@ def _check_out_folder(out: Path) -> dict | None:
     if not out.is_dir():
         raise InputError(f"--out {out} is a file; choose a folder")
     saved = read_run_json(out)
-    # Another rank of the same launch may have made .cxrgen/ or images/ before writing run.json.
-    if saved is None and any(p.name not in (STATE_DIR, "images") for p in out.iterdir()):
+    # Another rank of the same launch may have made .cxrgen/ or images/ before writing run.json, or a
+    # run killed while writing run.json left its temporary file: both are a run that never started.
+    if saved is None and any(p.name not in (STATE_DIR, "images") and TMP_MARK not in p.name for p in out.iterdir()):
         raise InputError(f"--out {out} is not empty and holds no cxrgen run; choose a new or empty folder")
     return saved
 
@@ -89,6 +90,7 @@ def generate(config: RunConfig, *, bundle_source: BundleSource = monai_source, l
     manifest, plan = load_plan(config)
     out = Path(config.out)
     saved = _check_out_folder(out)
+    FolderLock(out / STATE_DIR, shared=rank is not None).check_free()  # refuse a second writer before loading
     devices = _devices(config, rank)
     dtype = resolve_dtype(config.dtype, resolve_device(devices[0]))
     if saved is not None:
@@ -288,7 +290,8 @@ def resume(out: str | Path, *, bundle_source: BundleSource = monai_source, log: 
     out = Path(out)
     saved = read_run_json(out)
     if saved is None:
-        raise InputError(f"{out} holds no cxrgen run (no run.json); check the folder")
+        raise InputError(f"{out} holds no cxrgen run (no run.json); check the folder, or if a `cxrgen generate` "
+                         "into it was stopped before it started, run that same command again")
     bad = sorted(set(overrides) & set(PIXEL_FIELDS) | {k for k in overrides if k in ("manifest", "out")})
     if bad:
         raise InputError(f"resume cannot change {', '.join(bad)}: they change the images; start a new run instead")

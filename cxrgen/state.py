@@ -48,18 +48,29 @@ def done_items(out: Path, plan: list[WorkItem]) -> set[str]:
 
 
 def temp_files(out: Path) -> list[Path]:
-    """Leftover temporary files of interrupted writes."""
+    """Leftover temporary files of interrupted writes: images, and run.json or metadata.parquet in OUT."""
+    pattern = f".*{TMP_MARK}*"
     images = out / "images"
-    return sorted(images.rglob(f".*{TMP_MARK}*")) if images.is_dir() else []
+    found = [p for p in out.glob(pattern) if p.is_file()]
+    return sorted(found + (list(images.rglob(pattern)) if images.is_dir() else []))
+
+
+def _all_in_place(out: Path, plan: list[WorkItem], records: dict) -> bool:
+    return all(item.image_id in records and (out / item.file_name).is_file() for item in plan)
+
+
+def _remove_temp_files(out: Path) -> None:
+    # Called only once every planned image is in place, so no writer can still own one of them.
+    for path in temp_files(out):
+        path.unlink(missing_ok=True)
 
 
 def finalize(out: Path, plan: list[WorkItem], manifest: Manifest) -> Path | None:
     """Write metadata.parquet once every planned image is done; returns its path, or None."""
     records = read_records(out)
-    if any(item.image_id not in records or not (out / item.file_name).is_file() for item in plan):
+    if not _all_in_place(out, plan, records):
         return None
-    for path in temp_files(out):
-        path.unlink(missing_ok=True)
+    _remove_temp_files(out)
     ordered = [dict(records[item.image_id], file_name=item.file_name) for item in plan]
     return write_metadata(out, ordered, manifest.labels, [item.row for item in plan])
 
@@ -68,6 +79,9 @@ def finalize_once(out: Path, plan: list[WorkItem], manifest: Manifest) -> Path |
     """finalize() under the merge lock; ranks finishing together write metadata.parquet exactly once."""
     with MergeLock(out / STATE_DIR):
         if _metadata_rows(out) == len(plan):
+            # Already merged; a resume that only redid lost files must still leave no temporary file.
+            if _all_in_place(out, plan, read_records(out)):
+                _remove_temp_files(out)
             return out / "metadata.parquet"
         path = finalize(out, plan, manifest)
         if path is not None:

@@ -5,6 +5,7 @@ import errno
 import io
 import json
 import os
+import shlex
 from pathlib import Path
 
 import pyarrow as pa
@@ -50,9 +51,15 @@ def io_error(path: Path, exc: OSError) -> RunError:
     """One-line RunError naming the path; full disk gets its own advice."""
     if exc.errno == errno.ENOSPC:
         return RunError(f"no space left on the device while writing {path}; free some space, then run "
-                        f"`cxrgen resume {_run_root(path)}`")
+                        f"`{resume_command(_run_root(path))}`")
     reason = os.strerror(exc.errno) if exc.errno else str(exc)
-    return RunError(f"cannot write {path}: {reason}; fix the problem, then run `cxrgen resume {_run_root(path)}`")
+    return RunError(f"cannot write {path}: {reason}; fix the problem, then run "
+                    f"`{resume_command(_run_root(path))}`")
+
+
+def resume_command(out: Path | str) -> str:
+    """The shell command that finishes the run in OUT (quoted, so a path with spaces still works)."""
+    return f"cxrgen resume {shlex.quote(str(out))}"
 
 
 def _run_root(path: Path) -> Path:
@@ -104,27 +111,50 @@ class Journal:
 
     def __init__(self, out: Path, writer: str):
         self.path = out / RECORDS_DIR / f"part-{writer}.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        torn = self.path.is_file() and self.path.stat().st_size > 0 and _last_byte(self.path) != b"\n"
-        self._handle = open(self.path, "a", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Unbuffered: a failed write must not leave bytes in a buffer that a later flush or close writes.
+            self._handle = open(self.path, "ab", buffering=0)
+            torn = self._size() > 0 and _last_byte(self.path) != b"\n"
+        except OSError as exc:  # full disk (no inode left), I/O error, read-only folder: one line, not a traceback
+            raise io_error(self.path, exc) from None
         if torn:
             # A kill tore the last line: end it so the next record starts on a line of its own.
-            self._handle.write("\n")
+            self._write(b"\n")
 
     def append(self, records: list[dict]) -> None:
         """Record images whose files are already in place, durably."""
-        if not records:
-            return
+        if records:
+            self._write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
+
+    def _write(self, data: bytes) -> None:
+        """Write and fsync all of data, or raise RunError leaving the file as it was (best effort)."""
+        start = None
         try:
-            self._handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-            self._handle.flush()
+            start = self._size()
+            view = memoryview(data)
+            while view:
+                view = view[self._handle.write(view):]
             os.fsync(self._handle.fileno())
         except OSError as exc:
+            if start is not None:
+                # Cut the half-written line: no partial record may survive a full disk (resume redoes them).
+                _truncate_quietly(self._handle.fileno(), start)
             raise io_error(self.path, exc) from None
+
+    def _size(self) -> int:
+        return os.fstat(self._handle.fileno()).st_size
 
     def close(self) -> None:
         """Close the file; records already appended stay."""
         self._handle.close()
+
+
+def _truncate_quietly(fd: int, size: int) -> None:
+    try:
+        os.ftruncate(fd, size)
+    except OSError:
+        pass  # then read_records skips the torn line and __init__ ends it on the next open
 
 
 def _last_byte(path: Path) -> bytes:
