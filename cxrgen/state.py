@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +44,11 @@ def image_ok(path: Path) -> bool:
 def done_items(out: Path, plan: list[WorkItem]) -> set[str]:
     """image_ids that are recorded AND whose file is present and decodes."""
     records = read_records(out)
-    return {item.image_id for item in plan
-            if item.image_id in records and image_ok(out / item.file_name)}
+    recorded = [item for item in plan if item.image_id in records]
+    # Decoding releases the GIL: threads make checking a 100k-image folder minutes faster.
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 1)) as pool:
+        ok = list(pool.map(lambda item: image_ok(out / item.file_name), recorded))
+    return {item.image_id for item, good in zip(recorded, ok) if good}
 
 
 def temp_files(out: Path) -> list[Path]:

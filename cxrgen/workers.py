@@ -11,6 +11,7 @@ from typing import Callable
 
 from cxrgen.errors import InputError, Interrupted, RunError
 from cxrgen.plan import WorkItem
+from cxrgen.store import resume_command
 
 _POLL_S = 0.2
 
@@ -93,13 +94,13 @@ def run_local_workers(target: Callable, args_of: Callable[[int, str], tuple], de
         proc.join()
     if signals:
         raise Interrupted(f"stopped by {signal.Signals(signals[0]).name}; what was written is kept: "
-                          f"finish with `cxrgen resume {out}`", 130 if signals[0] == signal.SIGINT else 143)
+                          f"finish with `{resume_command(out)}`", 130 if signals[0] == signal.SIGINT else 143)
     if errors:
         raise RunError(errors[0])
     dead = [p for p in procs if p.exitcode != 0]
     if dead:
         raise RunError(f"worker process {dead[0].pid} died with exit code {dead[0].exitcode}; what it "
-                       f"finished is kept: run `cxrgen resume {out}`")
+                       f"finished is kept: run `{resume_command(out)}`")
     return sorted(results.values(), key=lambda r: r.name)
 
 
