@@ -80,6 +80,9 @@ def resolve_model(model: str, cache_dir: str | Path, source: BundleSource = mona
         return root.resolve()
     dest.mkdir(parents=True, exist_ok=True)
     source(model, dest)
+    if not (root / "configs").is_dir():
+        raise InputError(f"fetching bundle {model!r} left no {root / 'configs'}; download the bundle on a connected "
+                         "machine and pass its folder with --model /path/to/bundle")
     _verify_md5(root, KNOWN_MD5.get(model) if expected_md5 is None else expected_md5)
     (root / _VERIFIED).write_text("md5 checked\n")
     return root.resolve()

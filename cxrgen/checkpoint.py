@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import re
 from pathlib import Path
 
 import torch
@@ -51,8 +52,7 @@ def read_state_dict(path: Path) -> dict:
             return load_file(str(path), device="cpu")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line message
-        raise InputError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); "
-                         "re-download the bundle") from None
+        raise InputError(f"checkpoint {path} cannot be read ({_reason(exc)}); re-download the bundle") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -60,25 +60,35 @@ def read_state_dict(path: Path) -> dict:
     return state
 
 
+def _reason(exc: Exception) -> str:
+    """One short line for an exception whose text may span many lines (torch's are long, with colours)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    if text.startswith("Weights only load failed"):
+        return "it holds Python objects, not only tensors, and cxrgen never unpickles those (weights_only=True)"
+    first = text.splitlines()[0][:200] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def load_into(model: torch.nn.Module, state: dict, path: Path) -> str:
     """Check every key and shape, then load; returns the layout found ("old" or "new")."""
     new_layout = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if set(state) == set(new_layout):
-        _check_shapes(state, new_layout, path)
-        model.load_state_dict(state, strict=True)
-        return "new"
-    expected = old_layout(model)
+    # Judge the file against the layout it is closest to, so that one missing key is named as itself.
+    layout, expected = min((("new", new_layout), ("old", old_layout(model))),
+                           key=lambda pair: len(set(pair[1]) ^ set(state)))
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]!r}")
+            parts.append(f"{len(missing)} missing key(s), e.g. {', '.join(map(repr, missing[:3]))}")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]!r}")
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(map(repr, unexpected[:3]))}")
         raise InputError(f"checkpoint {path} does not match the architecture in configs/inference.json: "
                          f"{'; '.join(parts)}; check that the bundle's files belong together")
     _check_shapes(state, expected, path)
+    if layout == "new":
+        model.load_state_dict(state, strict=True)
+        return "new"
     # load_old_state_dict empties the dict it is given and prints when keys already match.
     with contextlib.redirect_stdout(io.StringIO()):
         model.load_old_state_dict(dict(state))

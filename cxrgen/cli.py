@@ -32,8 +32,16 @@ CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Bundle do
 
 
 def _fail(exc: CxrgenError) -> None:
-    typer.echo(f"cxrgen: error: {exc}", err=True)
+    # one line even when the message quotes a multi-line value (a wrapped spreadsheet header, say)
+    typer.echo(f"cxrgen: error: {' '.join(str(exc).splitlines())}", err=True)
     raise typer.Exit(exc.exit_code)
+
+
+def _interrupted(out) -> None:
+    from cxrgen.store import resume_command
+
+    typer.echo(f"cxrgen: interrupted; finished images are kept: `{resume_command(out)}` continues", err=True)
+    raise typer.Exit(130)
 
 
 def _version(value: bool) -> None:
@@ -55,7 +63,8 @@ def generate(
                                                 "manifest, named after it).")] = None,
     manifest_format: Annotated[str, typer.Option(help="auto, csv, tsv or parquet.")] = "auto",
     prompt_column: Annotated[str, typer.Option(help="Column holding the report sentence.")] = "prompt",
-    allow_empty_prompt: Annotated[bool, typer.Option(help="Blank prompts make unconditional samples.")] = False,
+    allow_empty_prompt: Annotated[bool, typer.Option("--allow-empty-prompt",
+                                                     help="Blank prompts make unconditional samples.")] = False,
     model: Annotated[str, typer.Option(help="Bundle folder, or bundle name to download once.")] = DEFAULT_MODEL,
     text_encoder: Annotated[str, typer.Option(help="Hugging Face repo id or local folder with tokenizer/ "
                                               "and text_encoder/.")] = DEFAULT_TEXT_ENCODER,
@@ -82,7 +91,8 @@ def generate(
     try:
         from cxrgen.run import generate as run_generate
 
-        out = out or manifest.with_suffix("")
+        # beside the manifest, named after it; a manifest without a suffix must not be its own output folder
+        out = out or (manifest.with_suffix("") if manifest.suffix else manifest.with_name(manifest.name + "_out"))
         config = RunConfig(
             manifest=str(manifest.resolve()), out=str(out.resolve()), manifest_format=manifest_format,
             prompt_column=prompt_column, allow_empty_prompt=allow_empty_prompt, model=model,
@@ -95,6 +105,8 @@ def generate(
         run_generate(config, rank=rank_from_env(os.environ))
     except CxrgenError as exc:
         _fail(exc)
+    except KeyboardInterrupt:  # Ctrl-C while models load or metadata merges: nothing is lost
+        _interrupted(out)
 
 
 @app.command()
@@ -117,10 +129,12 @@ def resume(
     try:
         from cxrgen.run import resume as run_resume
 
-        run_resume(out, rank=rank_from_env(os.environ), batch_size=batch_size, decode_batch_size=decode_batch_size, device=device,
-                   workers=workers, cache_dir=str(cache_dir) if cache_dir else None, quiet=quiet)
+        run_resume(out, rank=rank_from_env(os.environ), batch_size=batch_size, decode_batch_size=decode_batch_size,
+                   device=device, workers=workers, cache_dir=str(cache_dir) if cache_dir else None, quiet=quiet)
     except CxrgenError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        _interrupted(out)
 
 
 @app.command()
@@ -137,6 +151,7 @@ def status(
     """
     try:
         from cxrgen.state import inspect_run
+        from cxrgen.store import resume_command
 
         report = inspect_run(out)
         if finalize and report.remaining == 0 and not report.finalized:
@@ -156,7 +171,7 @@ def status(
         if names:
             typer.echo(f"{label}: {len(names)} (e.g. {names[0]})")
     if not report.complete:
-        typer.echo(f"resume with: cxrgen resume {report.out}")
+        typer.echo(f"resume with: {resume_command(report.out)}")
         raise typer.Exit(1)
 
 

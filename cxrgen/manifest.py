@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,25 +82,68 @@ def read_manifest(path: str | Path, manifest_format: str = "auto", prompt_column
     rows = tuple(_parse_row(i + 1, rec, prompt_column, allow_empty_prompt)
                  for i, rec in enumerate(text.to_dict("records")))
     _check_unique_ids(rows)
-    labels = typed.drop(columns=[c for c in typed.columns if c == prompt_column or c in OVERRIDE_COLUMNS])
-    table = pa.Table.from_pandas(labels, preserve_index=False)
-    return Manifest(str(path.resolve()), file_sha256(path), rows, table)
+    names = [c for c in text.columns if c != prompt_column and c not in OVERRIDE_COLUMNS]
+    labels = typed.select(names).replace_schema_metadata(None) if typed is not None else _typed_labels(text, names)
+    return Manifest(str(path.resolve()), file_sha256(path), rows, labels)
 
 
-def _read_frames(path: Path, fmt: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Two views of the file: everything as raw text (no NA guessing) and pandas' typed view."""
+def _read_frames(path: Path, fmt: str) -> tuple[pd.DataFrame, pa.Table | None]:
+    """Raw values (CSV: all text, no NA guessing) and, for Parquet, the typed Arrow table as stored."""
     try:
         if fmt == "parquet":
-            typed = pq.read_table(path).to_pandas()
-            return typed.astype(object).where(typed.notna(), None), typed
+            typed = pq.read_table(path)
+            # pandas writes an unnamed non-range index as __index_level_N__: not a label
+            typed = typed.drop_columns([c for c in typed.column_names if c.startswith("__index_level_")])
+            # object columns keep exact Python ints (63-bit seeds) instead of NaN-able floats
+            return pd.DataFrame(typed.to_pydict(), columns=typed.column_names, dtype=object), typed
         sep = "\t" if fmt == "tsv" else ","
-        opts = dict(sep=sep, encoding="utf-8-sig")
+        # An empty line is a row (a one-column spreadsheet writes a blank cell that way): skipping it
+        # would hide a blank prompt and renumber every later row. Empty lines at the very end are not rows.
+        opts = dict(sep=sep, encoding="utf-8-sig", skip_blank_lines=False)
         text = pd.read_csv(path, dtype=str, keep_default_na=False, **opts)
-        return text, pd.read_csv(path, **opts)
+        return text.iloc[:len(text) - _trailing_empty_rows(text)], None
     except (UnicodeDecodeError, ValueError, OSError, pa.ArrowException) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"manifest {path} cannot be read as {fmt}: {first}; "
                          "check the file or pass --manifest-format") from None
+
+
+def _trailing_empty_rows(text: pd.DataFrame) -> int:
+    """How many rows at the end of the text view have nothing but blanks in every cell."""
+    empty = (text.fillna("").astype(str).apply(lambda column: column.str.strip()) == "").all(axis=1).tolist()
+    count = 0
+    while count < len(empty) and empty[len(empty) - 1 - count]:
+        count += 1
+    return count
+
+
+_INT = re.compile(r"[+-]?\d+")
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|infinity|nan)", re.IGNORECASE)
+_BOOLS = {"true": True, "false": False}
+
+
+def _typed_labels(text: pd.DataFrame, names: list[str]) -> pa.Table:
+    """CSV label columns with the narrowest type that holds every cell exactly; blank cells are null.
+
+    int64, then float64, then bool (true/false in any case), else the text unchanged: integers
+    with blanks stay integers, and "NA" or "None" stay text as in the file.
+    """
+    arrays = []
+    for name in names:
+        cells = [None if _is_blank(v) else str(v).strip() for v in text[name].tolist()]
+        present = [c for c in cells if c is not None]
+        whole = [bool(_INT.fullmatch(c)) for c in present]
+        if present and all(whole) and all(-2**63 <= int(c) < 2**63 for c in present):
+            arrays.append(pa.array([None if c is None else int(c) for c in cells], pa.int64()))
+        elif present and all(_FLOAT.fullmatch(c) and not (w and abs(int(c)) >= 2**53)
+                             for c, w in zip(present, whole)):  # floats hold integers exactly below 2**53
+            arrays.append(pa.array([None if c is None else float(c) for c in cells], pa.float64()))
+        elif present and all(c.lower() in _BOOLS for c in present):
+            arrays.append(pa.array([None if c is None else _BOOLS[c.lower()] for c in cells], pa.bool_()))
+        else:
+            raw = [None if _is_blank(v) else str(v) for v in text[name].tolist()]
+            arrays.append(pa.array(raw, pa.string()))
+    return pa.table(arrays, names=names) if names else pa.table({})
 
 
 def _is_blank(value) -> bool:

@@ -44,7 +44,7 @@ def row_slug(row: Row) -> str:
     """File-name-safe stem for a row; a hash suffix keeps ids unique after sanitising."""
     if row.row_id is None:
         return f"row{row.number:07d}"
-    slug = _UNSAFE.sub("_", row.row_id).strip("._") or "id"
+    slug = _UNSAFE.sub("_", row.row_id).strip("._-") or "id"  # no leading "-": not an option to shell tools
     if slug != row.row_id or len(slug) > _MAX_SLUG or slug.lower() != slug:
         # Case-insensitive file systems would merge "A" and "a": the hash of the raw id keeps them apart.
         digest = hashlib.sha256(row.row_id.encode("utf-8")).hexdigest()[:8]

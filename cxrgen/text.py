@@ -70,7 +70,7 @@ def load_text_encoder(text_encoder: str, device: torch.device | str = "cpu") -> 
         split = (local / "tokenizer").is_dir()
         where = (str(local), "tokenizer" if split else None, "text_encoder" if split else None)
         tried = f"local folder {local}"
-    elif Path(text_encoder).is_absolute() or text_encoder.startswith("."):
+    elif local.is_absolute() or text_encoder.startswith((".", "~")):
         raise InputError(f"--text-encoder {text_encoder}: no such folder; give a folder holding tokenizer/ and "
                          "text_encoder/ or a Hugging Face repo id")
     else:
