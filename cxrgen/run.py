@@ -54,6 +54,9 @@ def load_plan(config: RunConfig) -> tuple[Manifest, list[WorkItem]]:
     plan = make_plan(manifest.rows, seed=config.seed, num_images=config.num_images,
                      guidance_scale=config.guidance_scale, negative_prompt=config.negative_prompt,
                      image_format=config.image_format)
+    if not plan:
+        what = "has no data rows" if not manifest.rows else "plans no images (num_images is 0 on every row)"
+        raise InputError(f"manifest {manifest.path} {what}; add rows or set --num-images to 1 or more")
     return manifest, plan
 
 
@@ -71,9 +74,10 @@ def _check_out_folder(out: Path) -> dict | None:
     if not out.is_dir():
         raise InputError(f"--out {out} is a file; choose a folder")
     saved = read_run_json(out)
-    # Another rank of the same launch may have made .cxrgen/ or images/ before writing run.json, or a
-    # run killed while writing run.json left its temporary file: both are a run that never started.
-    if saved is None and any(p.name not in (STATE_DIR, "images") and TMP_MARK not in p.name for p in out.iterdir()):
+    # Another rank of the same launch may have made .cxrgen/ before writing run.json, or a run killed
+    # while writing run.json left its temporary file: both are a run that never started. (images/ is
+    # only made after run.json exists, so a folder with images/ but no run.json is someone else's.)
+    if saved is None and any(p.name != STATE_DIR and TMP_MARK not in p.name for p in out.iterdir()):
         raise InputError(f"--out {out} is not empty and holds no cxrgen run; choose a new or empty folder")
     return saved
 

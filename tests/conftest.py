@@ -1,7 +1,13 @@
+import os
 import sys
 from pathlib import Path
 
-import pytest
+# No test may reach the network, even by accident. huggingface_hub reads these once, at import, so they
+# are set here, before anything imports it; subprocesses inherit them.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -20,8 +26,10 @@ def text_encoder_dir(tmp_path_factory) -> Path:
     return tiny.build_text_encoder(tmp_path_factory.mktemp("text") / "clip")
 
 
+
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    # No test may reach the network, even by accident.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+def _hub_offline(monkeypatch):
+    """Belt and braces: the value huggingface_hub consults, in case it was imported before this file."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

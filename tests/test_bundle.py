@@ -32,14 +32,6 @@ REAL_UNET = dict(spatial_dims=2, in_channels=3, out_channels=3, channels=[256, 5
                  cross_attention_dim=1024)
 
 
-@pytest.fixture(autouse=True)
-def _hub_offline(monkeypatch):
-    """conftest sets HF_HUB_OFFLINE, but huggingface_hub reads it once, at import (which may precede that
-    fixture): set the value it actually consults, so no test can wait on the network."""
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
 
 def copy_bundle(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest)

@@ -31,14 +31,6 @@ METADATA_COLUMNS = [
 LONG_PROMPT = " ".join(["opacity"] * 90)
 
 
-@pytest.fixture(autouse=True)
-def _hub_offline(monkeypatch):
-    """conftest sets HF_HUB_OFFLINE, but huggingface_hub reads it once, at import (which may precede that
-    fixture): set the value it actually consults, so no test can wait on the network."""
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
 
 def invoke(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])
@@ -266,6 +258,8 @@ BAD_MANIFESTS = {
     "duplicate ids": (_csv("id,prompt\nx,a\ny,b\nx,c\n"), ["rows 1 and 3, column id", "'x'"]),
     "blank id": (_csv("id,prompt\nx,a\n,b\n"), ["row 2, column id"]),
     "wrapped header cells": (_csv('"Report\nsentence","Label\r\n(0/1)"\nEffusion,1\n'), ["column 'prompt'", "Report"]),
+    "header only": (_csv("id,prompt,label\n"), ["no data rows"]),
+    "no images planned": (_csv("prompt,num_images\na,0\nb,0\n"), ["plans no images", "--num-images"]),
     "ids equal as file names": (_csv("id,prompt\na b,a\na_b-" + hashlib.sha256(b"a b").hexdigest()[:8] + ",b\n"),
                                 ["rows 1 and 2, column id"]),
 }
@@ -391,20 +385,20 @@ def test_output_folder_of_a_different_run_is_refused(tmp_path, bundle_dir, text_
     assert snapshot(out) == before
 
 
-@pytest.mark.parametrize("content", ["file", "folder"])
+@pytest.mark.parametrize("content", ["notes.txt", "photos", "images"])
 def test_non_empty_folder_without_a_run_is_refused(tmp_path, bundle_dir, text_encoder_dir, content):
     manifest = _write(tmp_path / "m.csv", GOOD)
     out = tmp_path / "out"
     out.mkdir()
-    if content == "file":
-        (out / "notes.txt").write_text("my notes")
+    if content.endswith(".txt"):
+        (out / content).write_text("my notes")
     else:
-        (out / "photos").mkdir()
+        (out / content).mkdir()  # a user's own images/ folder must not be written into either
+        (out / content / "mine.jpg").write_bytes(b"not ours")
     before = snapshot(out)
     assert_input_error(invoke(*run_args(manifest, bundle_dir, text_encoder_dir, tmp_path, "-o", out)),
                        str(out), "not empty")
-    assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == [
-        "notes.txt" if content == "file" else "photos"]
+    assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == [content]
 
 
 def test_out_that_is_a_file_is_refused(tmp_path, bundle_dir, text_encoder_dir):
