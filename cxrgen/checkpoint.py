@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import re
 from pathlib import Path
@@ -10,15 +9,12 @@ from pathlib import Path
 import torch
 
 from cxrgen.errors import InputError
+from cxrgen.store import file_digest
 
 
 def md5sum(path: Path) -> str:
-    """Hex md5 of a file, read in chunks."""
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Hex md5 of a file (the bundle publishes md5s of its checkpoints)."""
+    return file_digest(path, "md5")
 
 
 def old_key(new_key: str) -> str:

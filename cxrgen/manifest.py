@@ -1,7 +1,6 @@
 """Read a manifest (CSV, TSV or Parquet) into validated rows plus pass-through label columns."""
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cxrgen.errors import InputError
+from cxrgen.store import file_digest
 
 OVERRIDE_COLUMNS = ("id", "num_images", "guidance_scale", "seed", "negative_prompt")
 MAX_NUM_IMAGES = 100_000
@@ -45,12 +45,8 @@ class Manifest:
 
 
 def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Hex sha256 of a file (identifies the manifest in run.json)."""
+    return file_digest(path, "sha256")
 
 
 def detect_format(path: Path, manifest_format: str = "auto") -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import os
@@ -29,6 +30,15 @@ METADATA_SCHEMA = pa.schema([
     ("device_type", pa.string()), ("cxrgen_version", pa.string()), ("token_count", pa.int64()),
     ("truncated", pa.bool_()), ("created_at", pa.string()), ("worker", pa.string()),
 ])
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    """Hex digest (e.g. "md5", "sha256") of a file, read in 1 MiB chunks."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def atomic_write(path: Path, data: bytes) -> None:

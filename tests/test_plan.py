@@ -259,3 +259,12 @@ def test_files_spread_over_folders_of_at_most_files_per_folder():
 def test_file_suffix_follows_image_format():
     assert plan([Row(1, "a")], image_format="jpg")[0].file_name.endswith(".jpg")
     assert plan([Row(1, "a")], image_format="png")[0].file_name.endswith(".png")
+
+
+def test_manifest_and_plan_stages_do_not_import_torch():
+    """The plan stage is pure Python: planning a million images must not wait on importing torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, cxrgen.manifest, cxrgen.plan; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
