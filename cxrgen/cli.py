@@ -20,7 +20,8 @@ app = typer.Typer(
 
 # Options shared by generate and resume: none of them changes pixels.
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per UNet call; 0 picks one for the device.")]
-DecodeBatch = Annotated[int, typer.Option("--decode-batch-size", help="Latents per decoder call; 0 = whole batch.")]
+DecodeBatch = Annotated[int, typer.Option("--decode-batch-size", help="Latents per decoder call; 0 = 1 on CPU, "
+                                          "8 on CUDA.")]
 Device = Annotated[str, typer.Option("--device", "--devices", help="auto (every visible GPU, else CPU), cpu, "
                                      "cuda:N, or a list such as cuda:0,cuda:2 (one worker per device).")]
 Workers = Annotated[int, typer.Option("--workers", help="Worker processes on this machine (CPU: N processes).")]

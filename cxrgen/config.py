@@ -36,7 +36,7 @@ class RunConfig:
     steps: int = 50  # num_inference_steps of the scheduler, as the model card uses
     scheduler: str = "ddim"  # "ddim" (the model card's) or "dpmpp2m" (DPM-Solver++(2M), fewer steps)
     batch_size: int = 0  # images per UNet call; 0 picks one for the device
-    decode_batch_size: int = 0  # latents per decoder call; 0 decodes the whole batch at once
+    decode_batch_size: int = 0  # latents per decoder call; 0 = 1 on CPU (least memory), 8 on CUDA
     device: str = "auto"  # "auto" (every visible GPU, else CPU), "cpu", "cuda:N" or a list "cuda:0,cuda:2"
     dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 (or float16) autocast on CUDA
     channels_last: bool = False  # channels_last memory format for the UNet (a CUDA speed option)

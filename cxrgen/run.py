@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -123,8 +122,7 @@ def generate(config: RunConfig, *, bundle_source: BundleSource = monai_source, l
                              config.quiet, rank, log)
         if sole:
             engine = make_engine(config, bundle, text, devices[0], dtype)
-            engine = engine_hook(engine, _worker_name(rank, 0)) if engine_hook else engine
-            results = [sample_batches(engine, out, iter(batches), config, _worker_name(rank, 0), progress.update)]
+            results = [_sample_here(engine, config, batches, _worker_name(rank, 0), engine_hook, progress)]
         else:
             del bundle, text  # each worker loads its own copy on its device
             results = run_local_workers(worker_main, lambda i, d: (config, str(bundle_root), d, dtype, f"w{i}",
@@ -137,6 +135,16 @@ def generate(config: RunConfig, *, bundle_source: BundleSource = monai_source, l
     seconds = max((r.seconds for r in results), default=0.0)
     _summary(config, rank, results, out, plan, metadata, log)
     return RunResult(out, len(plan), len(done), written, seconds, saved is not None, metadata)
+
+
+def _sample_here(engine: Engine, config: RunConfig, batches: list, name: str, engine_hook, progress) -> WorkerResult:
+    """Sample every batch in this process (one device, or one rank of a launcher)."""
+    engine = engine_hook(engine, name) if engine_hook else engine
+    result = sample_batches(engine, Path(config.out), iter(batches), config, name, progress.update)
+    if config.compile and not config.quiet and engine.first_batch_seconds is not None:
+        progress.log(f"{progress.prefix}torch.compile: the first batch took {engine.first_batch_seconds:.1f} s "
+                     "including compilation (not counted apart in images/s)")
+    return result
 
 
 def _devices(config: RunConfig, rank: Rank | None) -> list[str]:
@@ -189,6 +197,7 @@ class _Progress:
 
     def __init__(self, total: int, initial: int, quiet: bool, rank: Rank | None, log: Log):
         self.total, self.count, self.quiet, self.rank, self.log = total, initial, quiet, rank, log
+        self.prefix = _prefix(rank)
         self.bar = None if (quiet or rank) else tqdm(total=total, initial=initial, unit="img", desc="cxrgen",
                                                      dynamic_ncols=True)
 

@@ -128,3 +128,20 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_images(tmp_path, bundle_di
     assert list(small.image_id) == list(oom.image_id)
     for name in small.file_name:
         assert_close(pixels(tmp_path / "oom", name), pixels(tmp_path / "small", name))
+
+
+def test_decoder_out_of_memory_shrinks_only_the_decode(tmp_path, bundle_dir, text_encoder_dir):
+    """A decoder OOM must not throw away the sampled latents: the UNet runs steps x batches times only."""
+    rows = [{"prompt": p} for p in ("Pleural effusion", "Pneumothorax on the left")]
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    common = dict(manifest=str(manifest), model=str(bundle_dir), text_encoder=str(text_encoder_dir), steps=STEPS,
+                  image_format="png", quiet=True, num_images=2, batch_size=4)
+    generate(RunConfig(out=str(tmp_path / "plain"), decode_batch_size=1, **common))
+    engines = []
+    hook = lambda engine, name: engines.append(tiny.decoder_oom_above_one_latent(engine, name)) or engines[-1]  # noqa: E731
+    generate(RunConfig(out=str(tmp_path / "oom"), decode_batch_size=4, **common), engine_hook=hook)
+    assert engines[0].decode_batch == 1 and engines[0].unet_calls == STEPS  # one batch of 4, sampled once
+    plain = pd.read_parquet(tmp_path / "plain" / "metadata.parquet")
+    for name in plain.file_name:
+        assert_close(pixels(tmp_path / "oom", name), pixels(tmp_path / "plain", name))

@@ -133,3 +133,23 @@ def oom_above_two_images(engine, name: str):
 
     engine.denoise = denoise
     return engine
+
+
+def decoder_oom_above_one_latent(engine, name: str):
+    """engine_hook for tests: the decoder 'runs out of memory' for more than one latent; counts UNet calls."""
+    import torch
+
+    original_decode, original_denoise = engine.decode, engine.denoise
+    engine.unet_calls = 0
+
+    def decode(z):
+        if z.shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("simulated: CUDA out of memory")
+        return original_decode(z)
+
+    def denoise(x, timesteps, context):
+        engine.unet_calls += 1
+        return original_denoise(x, timesteps, context)
+
+    engine.decode, engine.denoise = decode, denoise
+    return engine
