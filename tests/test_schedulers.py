@@ -21,13 +21,7 @@ SEEDS = [11, 12, 13]
 GUIDANCE = [7.0, 3.0, 1.0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny UNet runs faster on one thread, and the shared CI cores stay free.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

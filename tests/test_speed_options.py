@@ -25,13 +25,7 @@ PROMPTS = ["Small left pleural effusion.", "Right lower lobe consolidation.", "M
 CUDA = torch.cuda.is_available()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny networks run faster on one thread, and the shared CI cores stay free.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
