@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import contextlib
-import time
 import ctypes
 import ctypes.util
 import platform
 import sys
+import time
 from dataclasses import dataclass
 
 import torch

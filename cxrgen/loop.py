@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -130,17 +129,3 @@ def batches_of(items: list[WorkItem], size: int) -> Iterable[list[WorkItem]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
-
-class Throughput:
-    """Images and seconds of one worker, for the summary line."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.images = 0
-
-    def add(self, count: int) -> None:
-        self.images += count
-
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self.start

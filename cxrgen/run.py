@@ -5,6 +5,7 @@ import dataclasses
 import os
 import platform
 import sys
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,7 +19,7 @@ from cxrgen.config import PIXEL_FIELDS, RunConfig, pixel_differences
 from cxrgen.engine import Engine, EngineOptions, check_widths, default_batch_size, resolve_device, resolve_dtype
 from cxrgen.errors import CxrgenError, InputError
 from cxrgen.lock import FolderLock
-from cxrgen.loop import BatchLoop, SignalGuard, Throughput, batches_of
+from cxrgen.loop import BatchLoop, SignalGuard, batches_of
 from cxrgen.manifest import Manifest, read_manifest
 from cxrgen.plan import WorkItem, make_plan
 from cxrgen.state import done_items, finalize_once, read_run_json
@@ -95,7 +96,8 @@ def generate(config: RunConfig, *, bundle_source: BundleSource = monai_source, l
     saved = _check_out_folder(out)
     FolderLock(out / STATE_DIR, shared=rank is not None).check_free()  # refuse a second writer before loading
     devices = _devices(config, rank)
-    dtype = resolve_dtype(config.dtype, resolve_device(devices[0]))
+    first_device = resolve_device(devices[0])
+    dtype = resolve_dtype(config.dtype, first_device)
     if saved is not None:
         _refuse_changed(out, saved, _pixel_settings(config, manifest, plan, dtype, saved["settings"]["checkpoint_md5"]))
     # 2. models: loaded here once to check them (and to sample, when this process is the only worker)
@@ -111,11 +113,11 @@ def generate(config: RunConfig, *, bundle_source: BundleSource = monai_source, l
         if read_run_json(out) is None:
             write_json(out / "run.json", _run_json(config, manifest, settings, bundle, devices))
         done = done_items(out, plan)
-        todo = rank_share([i for i in plan if i.image_id not in done], rank) if rank else \
-            [i for i in plan if i.image_id not in done]
+        todo = [i for i in plan if i.image_id not in done]
+        todo = rank_share(todo, rank) if rank else todo
         if (done or (saved is not None and rank is None)) and not config.quiet:
             log(f"{_prefix(rank)}resuming the run in {out}: {len(done)} of {len(plan)} image(s) already done")
-        batch_size = config.batch_size or default_batch_size(resolve_device(devices[0]))
+        batch_size = config.batch_size or default_batch_size(first_device)
         batches = list(batches_of(todo, batch_size))
         # 4. sample: in this process, or in one worker process per device pulling batches from a queue
         progress = _Progress(len(plan) if rank is None else len(todo), len(plan) - len(todo) if rank is None else 0,
@@ -133,7 +135,8 @@ def generate(config: RunConfig, *, bundle_source: BundleSource = monai_source, l
         metadata = finalize_once(out, plan, manifest)
     written = sum(r.images for r in results)
     seconds = max((r.seconds for r in results), default=0.0)
-    _summary(config, rank, results, out, plan, metadata, log)
+    if not config.quiet:
+        _summary(rank, results, written, seconds, out, plan, metadata, log)
     return RunResult(out, len(plan), len(done), written, seconds, saved is not None, metadata)
 
 
@@ -206,21 +209,17 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(n)
         elif self.rank is not None and not self.quiet:
-            self.log(f"{_prefix(self.rank)}{self.count}/{self.total} image(s) of this rank's share")
+            self.log(f"{self.prefix}{self.count}/{self.total} image(s) of this rank's share")
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def _summary(config: RunConfig, rank, results: list, out: Path, plan: list, metadata, log: Log) -> None:
-    if config.quiet:
-        return
+def _summary(rank, results: list, written: int, seconds: float, out: Path, plan: list, metadata, log: Log) -> None:
     for r in results if len(results) > 1 or rank else []:
         rate = r.images / r.seconds if r.seconds > 0 else 0.0
         log(f"{_prefix(rank)}worker {r.name}: {r.images} image(s) in {r.seconds:.1f} s ({rate:.2f} images/s)")
-    written = sum(r.images for r in results)
-    seconds = max((r.seconds for r in results), default=0.0)
     rate = written / seconds if seconds > 0 else 0.0
     where = f"Metadata: {metadata}" if metadata else "metadata.parquet is written when every rank is done"
     log(f"{_prefix(rank)}wrote {written} image(s) in {seconds:.1f} s ({rate:.2f} images/s); {len(plan)} planned. "
@@ -240,16 +239,15 @@ def sample_batches(engine: Engine, out: Path, batches, config: RunConfig, name: 
         "device_type": engine.options.device.type, "cxrgen_version": __version__, "worker": name,
     }
     token_info = lambda prompt: dataclasses.asdict(engine.text.token_info(prompt))  # noqa: E731
-    meter = Throughput()
+    started = time.perf_counter()
     journal = Journal(out, name)
-    loop = BatchLoop(engine, out, journal, common, config.image_format, config.jpeg_quality, token_info,
-                     on_done=lambda n: (meter.add(n), on_done(n)))
+    loop = BatchLoop(engine, out, journal, common, config.image_format, config.jpeg_quality, token_info, on_done)
     try:
         with SignalGuard(stop_check) as guard:
             loop.run(batches, guard)
     finally:
         journal.close()
-    return WorkerResult(name, loop.written, meter.seconds)
+    return WorkerResult(name, loop.written, time.perf_counter() - started)
 
 
 def worker_main(config: RunConfig, bundle_root: str, device: str, dtype: str, name: str, engine_hook,
