@@ -14,8 +14,10 @@ from cxrgen.workers import rank_from_env
 
 app = typer.Typer(
     help="Turn a table of radiology-report sentences into a labelled synthetic chest X-ray dataset "
-         "(research use only, not for clinical use).",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+         "(research use only, not for clinical use).\n\n"
+         "Example: cxrgen generate manifests/demo.csv --out demo_out, then cxrgen status demo_out",
+    # Plain click help: rich's tables label every flag <bool>, as if it took a value, and eat [defaults]
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
 )
 
 # Options shared by generate and resume: none of them changes pixels.
@@ -28,6 +30,9 @@ Workers = Annotated[int, typer.Option("--workers", help="Worker processes on thi
 ChannelsLast = Annotated[bool, typer.Option("--channels-last", help="channels_last UNet (CUDA speed option).")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (compile time reported apart).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
+RankWait = Annotated[Optional[float], typer.Option(
+    "--rank-wait", help="Under torchrun/srun: seconds a rank whose share is done waits at least for the other "
+    "ranks to start before it concludes they stopped. [default: 60]")]
 CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Bundle download cache "
                                                   "(default: $CXRGEN_HOME or ~/.cache/cxrgen).")]
 
@@ -41,8 +46,20 @@ def _fail(exc: CxrgenError) -> None:
 def _interrupted(out) -> None:
     from cxrgen.store import resume_command
 
-    typer.echo(f"cxrgen: interrupted; finished images are kept: `{resume_command(out)}` continues", err=True)
+    if out is not None and (Path(out) / "run.json").is_file():
+        typer.echo(f"cxrgen: interrupted; finished images are kept: `{resume_command(out)}` continues", err=True)
+    else:  # stopped before the run was recorded: there is nothing to resume yet
+        typer.echo("cxrgen: interrupted before the run started; nothing was recorded: run the same "
+                   "`cxrgen generate` command again", err=True)
     raise typer.Exit(130)
+
+
+def _exit_for(result) -> None:
+    """Exit 3 when this process finished only its share and the run is not complete yet."""
+    from cxrgen.errors import INCOMPLETE_EXIT_CODE
+
+    if not result.complete:
+        raise typer.Exit(INCOMPLETE_EXIT_CODE)
 
 
 def _version(value: bool) -> None:
@@ -73,7 +90,8 @@ def generate(
     guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance (column overrides).")] = 7.0,
     negative_prompt: Annotated[str, typer.Option(help="Unconditional prompt (column overrides).")] = "",
     seed: Annotated[int, typer.Option(help="Base seed of the run (column seed overrides).")] = 0,
-    steps: Annotated[int, typer.Option(help="num_inference_steps.")] = 50,
+    steps: Annotated[int, typer.Option(help="Denoising steps (num_inference_steps); the model card uses 50, "
+                                       "--scheduler dpmpp2m needs fewer (e.g. 20).")] = 50,
     scheduler: Annotated[str, typer.Option(help="ddim (the model card's) or dpmpp2m (DPM-Solver++(2M)).")] = "ddim",
     dtype: Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, "
                                        "float16.")] = "auto",
@@ -81,11 +99,13 @@ def generate(
     jpeg_quality: Annotated[int, typer.Option(help="JPEG quality, 1-95.")] = 95,
     batch_size: BatchSize = 0, decode_batch_size: DecodeBatch = 0, device: Device = "auto",
     workers: Workers = 1, channels_last: ChannelsLast = False, compile: Compile = False,
-    cache_dir: CacheDir = None, quiet: Quiet = False,
+    cache_dir: CacheDir = None, rank_wait: RankWait = None, quiet: Quiet = False,
 ) -> None:
     """Generate one image per (row, sample) of MANIFEST into OUT, with metadata.parquet and run.json.
 
-    Running it again with the same manifest and settings resumes an interrupted run.
+    Running it again with the same manifest and settings resumes an interrupted run. Exit codes: 0 the run
+    is complete; 1 it failed (resumable); 2 bad input, nothing written; 3 this rank's share is done but
+    other ranks still have work; 130/143 stopped by SIGINT/SIGTERM (resumable).
 
     Example: cxrgen generate manifests/demo.csv --out demo_out --num-images 2 --steps 50
     """
@@ -102,40 +122,52 @@ def generate(
             steps=steps, scheduler=scheduler, batch_size=batch_size, decode_batch_size=decode_batch_size,
             device=device, dtype=dtype, channels_last=channels_last, compile=compile, image_format=image_format,
             jpeg_quality=jpeg_quality, workers=workers, quiet=quiet,
+            **({} if rank_wait is None else {"rank_wait": rank_wait}),
         )
-        run_generate(config, rank=rank_from_env(os.environ))
+        result = run_generate(config, rank=rank_from_env(os.environ))
     except CxrgenError as exc:
         _fail(exc)
     except KeyboardInterrupt:  # Ctrl-C while models load or metadata merges: nothing is lost
         _interrupted(out)
+    _exit_for(result)
 
 
 @app.command()
 def resume(
     out: Annotated[Path, typer.Argument(help="Output folder of an earlier run (holds run.json).")],
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per UNet call.")] = None,
-    decode_batch_size: Annotated[Optional[int], typer.Option("--decode-batch-size", help="Latents per "
-                                                             "decoder call.")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", "--devices", help="auto, cpu, cuda:N or a "
-                                                  "list cuda:0,cuda:2.")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="Worker processes.")] = None,
-    cache_dir: CacheDir = None, quiet: Quiet = False,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per UNet call; 0 picks one "
+                                                      "for the device. [default: the saved value]")] = None,
+    decode_batch_size: Annotated[Optional[int], typer.Option("--decode-batch-size", help="Latents per decoder "
+                                                             "call; 0 = 1 on CPU, 8 on CUDA. [default: the saved "
+                                                             "value]")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", "--devices", help="auto, cpu, cuda:N or a list "
+                                                  "cuda:0,cuda:2. [default: the saved value]")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Worker processes on this machine. "
+                                                   "[default: the saved value]")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Bundle download cache. [default: the "
+                                                      "saved value]")] = None,
+    rank_wait: RankWait = None, quiet: Quiet = False,
 ) -> None:
     """Finish an interrupted run with the settings saved in OUT/run.json.
 
-    Refuses when the manifest or a setting that changes pixels differs from the saved run.
+    Every option left out keeps its saved value; only speed options can be given, because the others
+    change pixels. Refuses when the manifest or a pixel-changing setting differs from the saved run.
+    Exit codes as for generate (3: this rank's share is done, other ranks still have work).
 
-    Example: cxrgen resume demo_out
+    Example: cxrgen resume demo_out --batch-size 8
     """
     try:
         from cxrgen.run import resume as run_resume
 
-        run_resume(out, rank=rank_from_env(os.environ), batch_size=batch_size, decode_batch_size=decode_batch_size,
-                   device=device, workers=workers, cache_dir=str(cache_dir) if cache_dir else None, quiet=quiet)
+        result = run_resume(out, rank=rank_from_env(os.environ), batch_size=batch_size,
+                            decode_batch_size=decode_batch_size, device=device, workers=workers,
+                            cache_dir=str(cache_dir.resolve()) if cache_dir else None, rank_wait=rank_wait,
+                            quiet=quiet)
     except CxrgenError as exc:
         _fail(exc)
     except KeyboardInterrupt:
         _interrupted(out)
+    _exit_for(result)
 
 
 @app.command()
@@ -160,6 +192,9 @@ def status(
 
             finalize_run(out)
             report = inspect_run(out)
+        elif finalize and report.remaining > 0:
+            typer.echo(f"cannot finalize: {report.remaining} image(s) are not done yet; make them with "
+                       f"`{resume_command(report.out)}` (it writes metadata.parquet at the end)", err=True)
     except CxrgenError as exc:
         _fail(exc)
     typer.echo(f"run:       {report.out}")
@@ -174,6 +209,39 @@ def status(
     if not report.complete:
         typer.echo(f"resume with: {resume_command(report.out)}")
         raise typer.Exit(1)
+
+
+@app.command()
+def reproduce(
+    out: Annotated[Path, typer.Argument(help="Output folder of a run.")],
+    image_id: Annotated[str, typer.Argument(help="The image's id (column image_id of metadata.parquet).")],
+    copy: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the regenerated image to this "
+                                                 "file (the run's format; outside OUT).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: the kind of "
+                                                  "device the image was made on).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Bundle folder, if the run's has moved (its checkpoints "
+                                                 "must be the run's).")] = None,
+    text_encoder: Annotated[Optional[str], typer.Option(help="Text encoder repo id or folder, if the run's has "
+                                                        "moved.")] = None,
+) -> None:
+    """Regenerate one image of OUT from its metadata row and print how far it is from the stored file.
+
+    Example: cxrgen reproduce demo_out demo-001_0000 --out demo-001_0000.jpg
+    """
+    try:
+        from cxrgen.reproduce import reproduce_image
+
+        result = reproduce_image(out, image_id, device=device, output=copy, model=model, text_encoder=text_encoder)
+    except CxrgenError as exc:
+        _fail(exc)
+    typer.echo(f"image:      {result.image_id} ({result.stored})")
+    typer.echo(f"remade on:  {result.device}, {result.dtype}, alone (batch of 1)")
+    typer.echo(f"max diff:   {result.max_abs_diff} gray level(s)")
+    typer.echo(f"mean diff:  {result.mean_abs_diff:.6f} gray levels")
+    typer.echo(f"identical:  {100 * result.identical_fraction:.4f}% of pixels")
+    typer.echo(f"same bytes: {'yes' if result.same_bytes else 'no'}")
+    if result.output is not None:
+        typer.echo(f"written:    {result.output}")
 
 
 def main() -> None:

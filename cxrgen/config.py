@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ SCHEDULERS = ("ddim", "dpmpp2m")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 IMAGE_FORMATS = ("jpg", "png")
 MANIFEST_FORMATS = ("auto", "csv", "tsv", "parquet")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class RunConfig:
     image_format: str = "jpg"  # "jpg" or "png" (lossless)
     jpeg_quality: int = 95  # JPEG quality 1-95, ignored for png
     workers: int = 1  # worker processes on this machine (CPU: N processes; CUDA: one per device)
+    rank_wait: float = 60.0  # seconds a rank whose share is done waits at least for other ranks to start
     quiet: bool = False  # no progress bar or summary
 
     def __post_init__(self) -> None:
@@ -58,11 +61,14 @@ class RunConfig:
         _check_range("jpeg-quality", self.jpeg_quality, 1, 95)
         _check_range("workers", self.workers, 1, 256)
         _check_range("seed", self.seed, 0, 2**63 - 1)
+        if not (0 <= self.rank_wait <= 86_400):
+            raise InputError(f"--rank-wait {self.rank_wait}: use a number of seconds from 0 to 86400")
         if not (0 <= self.guidance_scale <= 100):
             raise InputError(f"--guidance-scale {self.guidance_scale}: use a value between 0 and 100")
-        for device in self.device.split(","):
-            if not (device.strip() in ("auto", "cpu", "cuda") or device.strip().startswith("cuda:")):
-                raise InputError(f"--device {self.device!r}: use auto, cpu, cuda, cuda:N or a list cuda:0,cuda:2")
+        devices = [d.strip() for d in self.device.split(",")]
+        if not all(_DEVICE.fullmatch(d) for d in devices) or (len(devices) > 1 and "auto" in devices):
+            raise InputError(f"--device {self.device!r}: use auto, cpu, cuda, cuda:N (N a GPU number such as 0) "
+                             "or a list such as cuda:0,cuda:2")
 
     def to_dict(self) -> dict:
         """The settings as a JSON-ready dict."""
@@ -98,10 +104,28 @@ def default_cache_dir(environ: dict | None = None) -> str:
     return environ.get("CXRGEN_HOME") or str(Path("~/.cache/cxrgen").expanduser())
 
 
+def with_absolute_paths(config: RunConfig) -> RunConfig:
+    """The config with local paths made absolute, so a run is saved, compared and resumed from anywhere.
+
+    --model and --text-encoder stay as typed when no such folder exists here: then they name a bundle
+    to download or a Hugging Face repo.
+    """
+    def absolute(value: str, always: bool = False) -> str:
+        path = Path(value).expanduser()
+        return str(path.resolve()) if value and (always or path.is_dir()) else value
+
+    return dataclasses.replace(config, manifest=absolute(config.manifest, True), out=absolute(config.out, True),
+                               model=absolute(config.model), text_encoder=absolute(config.text_encoder),
+                               cache_dir=absolute(config.cache_dir, True))
+
+
 def pixel_differences(saved: dict, current: dict) -> list[str]:
-    """Describe each pixel-changing setting that differs between two run.json 'resolved' dicts."""
+    """Describe each pixel-changing setting that differs between two run.json 'settings' dicts.
+
+    A setting an older cxrgen did not record (absent from `saved`) is not compared.
+    """
     changed = []
-    for key in sorted(set(saved) | set(current)):
+    for key in sorted(saved):
         if saved.get(key) != current.get(key):
             changed.append(f"{key}: {json.dumps(saved.get(key))} -> {json.dumps(current.get(key))}")
     return changed

@@ -35,10 +35,22 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """auto -> float32 on CPU, bfloat16 on CUDA (float16 where the GPU lacks bfloat16)."""
+def dtype_supported(dtype: str, device: torch.device) -> bool:
+    """Whether cxrgen can sample in this dtype on this device (CPU autocast: bfloat16 only)."""
+    if dtype == "float32":
+        return True
+    if device.type == "cuda":
+        return dtype == "float16" or torch.cuda.is_bf16_supported()
+    return dtype == "bfloat16"
+
+
+def resolve_dtype(dtype: str, device: torch.device, recorded: str | None = None) -> str:
+    """auto -> the dtype a resumed run was made in when this device can run it; else float32 on CPU,
+    bfloat16 on CUDA (float16 where the GPU lacks bfloat16)."""
     if dtype != "auto":
         return dtype
+    if recorded is not None and recorded in _DTYPES and dtype_supported(recorded, device):
+        return recorded
     if device.type != "cuda":
         return "float32"
     return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"

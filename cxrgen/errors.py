@@ -1,6 +1,10 @@
 """One exception family for everything cxrgen refuses or fails to do."""
 from __future__ import annotations
 
+# Exit code of a generate/resume process that finished its own share (a rank's) while other images of
+# the run are still missing: not a failure, but not a complete dataset either.
+INCOMPLETE_EXIT_CODE = 3
+
 
 class CxrgenError(Exception):
     """Base of every error cxrgen raises on purpose; the CLI prints it as one line."""

@@ -113,8 +113,10 @@ def _trailing_empty_rows(text: pd.DataFrame) -> int:
     return count
 
 
-_INT = re.compile(r"[+-]?\d+")
-_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|infinity|nan)", re.IGNORECASE)
+# Numbers as a spreadsheet or pandas prints them. A leading zero (`007`, `-007.5`) or an explicit `+` marks
+# an identifier or a code (study ids, ICD codes): as a number it would lose characters, so it stays text.
+_INT = re.compile(r"-?(0|[1-9]\d*)")
+_FLOAT = re.compile(r"-?((0|[1-9]\d*)(\.\d*)?|\.\d+)([eE][+-]?\d+)?|-?(inf|infinity|nan)", re.IGNORECASE)
 _BOOLS = {"true": True, "false": False}
 
 
@@ -122,7 +124,9 @@ def _typed_labels(text: pd.DataFrame, names: list[str]) -> pa.Table:
     """CSV label columns with the narrowest type that holds every cell exactly; blank cells are null.
 
     int64, then float64, then bool (true/false in any case), else the text unchanged: integers
-    with blanks stay integers, and "NA" or "None" stay text as in the file.
+    with blanks stay integers, and "NA" or "None" stay text as in the file. A column with any cell
+    written with a leading zero (`007`, `-007`, `007.5`; `0` and `0.5` are numbers) or a `+` sign
+    (`+5`) stays text, as do integers beyond int64 or beyond 2**53 among floats.
     """
     arrays = []
     for name in names:

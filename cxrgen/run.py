@@ -1,6 +1,7 @@
 """generate / resume: validate everything, then sample into a crash-safe output folder."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
@@ -11,21 +12,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+import torch
 from tqdm import tqdm
 
 from cxrgen import __version__
 from cxrgen.bundle import BundleSource, load_bundle, monai_source, read_spec, resolve_model
-from cxrgen.config import PIXEL_FIELDS, RunConfig, pixel_differences
+from cxrgen.config import PIXEL_FIELDS, RunConfig, pixel_differences, with_absolute_paths
 from cxrgen.engine import Engine, EngineOptions, check_widths, default_batch_size, resolve_device, resolve_dtype
 from cxrgen.errors import CxrgenError, InputError
-from cxrgen.lock import FolderLock
+from cxrgen.lock import FolderLock, InitLock, RankLock, held_rank_locks, unlocked_warning
 from cxrgen.loop import BatchLoop, SignalGuard, batches_of
 from cxrgen.manifest import Manifest, read_manifest
 from cxrgen.plan import WorkItem, make_plan
 from cxrgen.state import done_items, finalize_once, read_run_json
-from cxrgen.store import STATE_DIR, TMP_MARK, Journal, write_json
+from cxrgen.store import STATE_DIR, TMP_MARK, Journal, read_records, resume_command, write_json
 from cxrgen.text import load_text_encoder
-from cxrgen.workers import Rank, WorkerResult, local_devices, rank_share, run_local_workers
+from cxrgen.workers import (Rank, WorkerResult, cpu_threads_per_worker, local_devices, next_batch, rank_share,
+                             run_local_workers)
 
 Log = Callable[[str], None]
 
@@ -41,6 +44,12 @@ class RunResult:
     seconds: float
     resumed: bool
     metadata: Path | None  # metadata.parquet once every planned image exists
+    remaining: int = 0  # planned images not yet done when this call returned (other ranks' work, say)
+
+    @property
+    def complete(self) -> bool:
+        """Every planned image exists and metadata.parquet covers them."""
+        return self.metadata is not None
 
 
 def _stderr(message: str) -> None:
@@ -60,10 +69,12 @@ def load_plan(config: RunConfig) -> tuple[Manifest, list[WorkItem]]:
     return manifest, plan
 
 
-def _pixel_settings(config: RunConfig, manifest: Manifest, plan: list, dtype: str, md5: dict) -> dict:
+def _pixel_settings(config: RunConfig, manifest: Manifest, plan: list, dtype: str, md5: dict,
+                    text_encoder_fingerprint: str | None) -> dict:
     """Everything that decides which images exist and their pixels; compared on resume."""
     settings = {name: getattr(config, name) for name in PIXEL_FIELDS if name != "model"}
-    settings.update(manifest_sha256=manifest.sha256, planned_images=len(plan), dtype=dtype, checkpoint_md5=md5)
+    settings.update(manifest_sha256=manifest.sha256, planned_images=len(plan), dtype=dtype, checkpoint_md5=md5,
+                    text_encoder_fingerprint=text_encoder_fingerprint)
     return settings
 
 
@@ -90,35 +101,50 @@ def generate(config: RunConfig, *, bundle_source: BundleSource = monai_source, l
     with config.workers local processes). `engine_hook(engine, worker_name)` may wrap each worker's
     engine (a seam for tests and profiling; it must be picklable when workers > 1).
     """
+    started = time.monotonic()
     # 1. validate input and output before loading anything heavy or writing anything
+    config = with_absolute_paths(config)
     manifest, plan = load_plan(config)
-    out = Path(config.out)
+    out, state = Path(config.out), Path(config.out) / STATE_DIR
     saved = _check_out_folder(out)
-    FolderLock(out / STATE_DIR, shared=rank is not None).check_free()  # refuse a second writer before loading
+    FolderLock(state, shared=rank is not None).check_free()  # refuse a second writer before loading
     devices = _devices(config, rank)
     first_device = resolve_device(devices[0])
-    dtype = resolve_dtype(config.dtype, first_device)
+    dtype = resolve_dtype(config.dtype, first_device, recorded=saved["settings"].get("dtype") if saved else None)
     if saved is not None:
-        _refuse_changed(out, saved, _pixel_settings(config, manifest, plan, dtype, saved["settings"]["checkpoint_md5"]))
-    # 2. models: loaded here once to check them (and to sample, when this process is the only worker)
-    cache_dir = config.cache_dir or str(Path.home() / ".cache" / "cxrgen")
-    bundle_root = resolve_model(config.model, cache_dir, bundle_source)
-    sole = len(devices) == 1
-    bundle, text = load_models(config, bundle_root, devices[0] if sole else "cpu")
-    settings = _pixel_settings(config, manifest, plan, dtype, bundle.md5)
-    if saved is not None:
-        _refuse_changed(out, saved, settings)
-    # 3. claim the folder (ranks share it), record the run, work out what is left
-    with FolderLock(out / STATE_DIR, shared=rank is not None):
-        if read_run_json(out) is None:
-            write_json(out / "run.json", _run_json(config, manifest, settings, bundle, devices))
+        _refuse_changed(out, saved, _pixel_settings(config, manifest, plan, dtype, saved["settings"]["checkpoint_md5"],
+                                                    saved["settings"].get("text_encoder_fingerprint")))
+    with contextlib.ExitStack() as held:
+        rank_lock = None
+        if rank is not None:  # claimed before loading, so a duplicate rank is refused at once and others see it
+            with InitLock(state):
+                rank_lock = RankLock(state, rank.rank, rank.world_size).acquire()
+            held.callback(rank_lock.release)
+        # 2. models: loaded here once to check them (and to sample, when this process is the only worker)
+        bundle_root = resolve_model(config.model, config.cache_dir or str(Path.home() / ".cache" / "cxrgen"),
+                                    bundle_source)
+        sole = len(devices) == 1
+        bundle, text = load_models(config, bundle_root, devices[0] if sole else "cpu")
+        settings = _pixel_settings(config, manifest, plan, dtype, bundle.md5, text.fingerprint)
+        # 3. claim the folder (ranks share it); record the run, or compare with the recorded one again:
+        # another run may have started in this folder while the models loaded
+        folder_lock = held.enter_context(FolderLock(state, shared=rank is not None))
+        if folder_lock.unsupported:
+            log(unlocked_warning(out))
+        with InitLock(state):
+            if rank is not None:
+                folder_lock.clear_holder()
+            recorded = read_run_json(out)
+            if recorded is None:
+                write_json(out / "run.json", _run_json(config, manifest, settings, bundle, devices))
+            else:
+                _refuse_changed(out, recorded, settings)
         done = done_items(out, plan)
         todo = [i for i in plan if i.image_id not in done]
         todo = rank_share(todo, rank) if rank else todo
         if (done or (saved is not None and rank is None)) and not config.quiet:
             log(f"{_prefix(rank)}resuming the run in {out}: {len(done)} of {len(plan)} image(s) already done")
-        batch_size = config.batch_size or default_batch_size(first_device)
-        batches = list(batches_of(todo, batch_size))
+        batches = list(batches_of(todo, config.batch_size or default_batch_size(first_device)))
         # 4. sample: in this process, or in one worker process per device pulling batches from a queue
         progress = _Progress(len(plan) if rank is None else len(todo), len(plan) - len(todo) if rank is None else 0,
                              config.quiet, rank, log)
@@ -127,17 +153,52 @@ def generate(config: RunConfig, *, bundle_source: BundleSource = monai_source, l
             results = [_sample_here(engine, config, batches, _worker_name(rank, 0), engine_hook, progress)]
         else:
             del bundle, text  # each worker loads its own copy on its device
+            threads = cpu_threads_per_worker(devices, torch.get_num_threads())
             results = run_local_workers(worker_main, lambda i, d: (config, str(bundle_root), d, dtype, f"w{i}",
-                                                                   engine_hook),
+                                                                   engine_hook, threads),
                                         devices, batches, progress.update, out)
         progress.close()
-        # 5. the metadata table, once every planned image exists (written by exactly one process)
+        # 5. the metadata table, once every planned image exists (written by exactly one process); a rank
+        # whose share is done waits for the others, so a launch ends together and its exit codes mean
+        # "complete" (0) or "ranks died, work is left" (3), and torchrun never stops a rank still working
         metadata = finalize_once(out, plan, manifest)
+        if metadata is None and rank_lock is not None:
+            rank_lock.mark_share_done()
+            metadata = wait_for_other_ranks(out, plan, manifest, rank, started + config.rank_wait,
+                                            None if config.quiet else log)
+    remaining = 0 if metadata is not None else len({i.image_id for i in plan} - read_records(out).keys())
     written = sum(r.images for r in results)
     seconds = max((r.seconds for r in results), default=0.0)
     if not config.quiet:
-        _summary(rank, results, written, seconds, out, plan, metadata, log)
-    return RunResult(out, len(plan), len(done), written, seconds, saved is not None, metadata)
+        _summary(rank, results, written, seconds, out, plan, metadata, remaining, log)
+    return RunResult(out, len(plan), len(done), written, seconds, saved is not None, metadata, remaining)
+
+
+_RANK_POLL_S = 2.0
+
+
+def wait_for_other_ranks(out: Path, plan: list, manifest: Manifest, rank: Rank, not_before: float,
+                         log: Log | None) -> Path | None:
+    """Wait until the run is complete (merging it if this rank is last), or no other rank is running.
+
+    Ranks still starting hold no lock yet, so "none running" is trusted only after `not_before`
+    (monotonic seconds). Returns metadata.parquet's path, or None when work is left and nobody is making it.
+    """
+    state = out / STATE_DIR
+    told = False
+    while True:
+        metadata = finalize_once(out, plan, manifest)
+        if metadata is not None:
+            return metadata
+        with InitLock(state):
+            running = {r for r, fields in held_rank_locks(state).items()
+                       if r != rank.rank and fields.get("share") != "done"}
+        if not running and time.monotonic() >= not_before:
+            return None
+        if log is not None and not told:
+            log(f"{_prefix(rank)}this rank's share is done; waiting for the other ranks to finish theirs")
+            told = True
+        time.sleep(_RANK_POLL_S)
 
 
 def _sample_here(engine: Engine, config: RunConfig, batches: list, name: str, engine_hook, progress) -> WorkerResult:
@@ -152,12 +213,17 @@ def _sample_here(engine: Engine, config: RunConfig, batches: list, name: str, en
 
 def _devices(config: RunConfig, rank: Rank | None) -> list[str]:
     """The device of each local worker: one per visible GPU, --device list, or --workers CPU processes."""
-    import torch
-
     if rank is not None:
+        if config.workers > 1:
+            raise InputError(f"--workers {config.workers} cannot be combined with torchrun/Slurm ranks: each rank is "
+                             "one process on one device; start more ranks instead (e.g. torchrun --nproc-per-node)")
         if config.device == "auto" and torch.cuda.is_available():
             return [f"cuda:{rank.local_rank % torch.cuda.device_count()}"]
-        return [config.device if config.device != "auto" else "cpu"]
+        # a list names the device of each local rank, in LOCAL_RANK order
+        choices = [d.strip() for d in config.device.split(",") if d.strip()]
+        device = choices[rank.local_rank % len(choices)]
+        resolve_device(device)
+        return [device if device != "auto" else "cpu"]
     devices = local_devices(config.device, config.workers, torch.cuda.device_count())
     for device in set(devices):
         resolve_device(device)  # fail early on a bad or missing device
@@ -183,7 +249,11 @@ def make_engine(config: RunConfig, bundle, text, device: str, dtype: str) -> Eng
 def _refuse_changed(out: Path, saved: dict, settings: dict) -> None:
     changed = pixel_differences(saved["settings"], settings)
     if changed:
-        raise InputError(f"{out} holds a run with other settings ({'; '.join(changed)}); "
+        hint = ""
+        if saved["settings"].get("dtype") not in (None, settings.get("dtype")):
+            hint = (f"; the run was made in {saved['settings']['dtype']}: use --dtype auto or "
+                    f"--dtype {saved['settings']['dtype']} on a device that supports it")
+        raise InputError(f"{out} holds a run with other settings ({'; '.join(changed)}){hint}; "
                          "choose a new --out, or restore the settings to resume it")
 
 
@@ -216,14 +286,17 @@ class _Progress:
             self.bar.close()
 
 
-def _summary(rank, results: list, written: int, seconds: float, out: Path, plan: list, metadata, log: Log) -> None:
+def _summary(rank, results: list, written: int, seconds: float, out: Path, plan: list, metadata, remaining: int,
+             log: Log) -> None:
     for r in results if len(results) > 1 or rank else []:
         rate = r.images / r.seconds if r.seconds > 0 else 0.0
         log(f"{_prefix(rank)}worker {r.name}: {r.images} image(s) in {r.seconds:.1f} s ({rate:.2f} images/s)")
     rate = written / seconds if seconds > 0 else 0.0
-    where = f"Metadata: {metadata}" if metadata else "metadata.parquet is written when every rank is done"
     log(f"{_prefix(rank)}wrote {written} image(s) in {seconds:.1f} s ({rate:.2f} images/s); {len(plan)} planned. "
-        f"Images: {out / 'images'}  {where}")
+        f"Images: {out / 'images'}" + (f"  Metadata: {metadata}" if metadata else ""))
+    if metadata is None:
+        log(f"{_prefix(rank)}this rank's share is done, but {remaining} of {len(plan)} image(s) remain and no other "
+            f"rank is making them (they stopped or never started): finish with `{resume_command(out)}`")
 
 
 def sample_batches(engine: Engine, out: Path, batches, config: RunConfig, name: str,
@@ -237,6 +310,7 @@ def sample_batches(engine: Engine, out: Path, batches, config: RunConfig, name: 
         "diffusion_model_md5": engine.bundle.md5.get(spec.checkpoints["diffusion_model"].name),
         "text_encoder": config.text_encoder, "dtype": engine.options.dtype,
         "device_type": engine.options.device.type, "cxrgen_version": __version__, "worker": name,
+        "text_encoder_fingerprint": engine.text.fingerprint,
     }
     token_info = lambda prompt: dataclasses.asdict(engine.text.token_info(prompt))  # noqa: E731
     started = time.perf_counter()
@@ -251,20 +325,28 @@ def sample_batches(engine: Engine, out: Path, batches, config: RunConfig, name: 
 
 
 def worker_main(config: RunConfig, bundle_root: str, device: str, dtype: str, name: str, engine_hook,
-                tasks, events) -> None:
+                threads: int, tasks, events) -> None:
     """Entry point of a local worker process: load models once, then take batches until the queue ends."""
     parent = os.getppid()
+    orphaned = lambda: os.getppid() != parent  # noqa: E731 - the parent died: stop, never race a resume
     try:
+        if device == "cpu":
+            torch.set_num_threads(threads)  # its share of the cores: workers must not fight over them
         bundle, text = load_models(config, bundle_root, device)
         engine = make_engine(config, bundle, text, device, dtype)
         engine = engine_hook(engine, name) if engine_hook else engine
-        result = sample_batches(engine, Path(config.out), iter(tasks.get, None), config, name,
-                                on_done=lambda n: events.put(("done", name, n)),
-                                stop_check=lambda: os.getppid() != parent)  # orphaned: stop, never race a resume
+        result = sample_batches(engine, Path(config.out), next_batch(tasks, orphaned), config, name,
+                                on_done=lambda n: events.put(("done", name, n)), stop_check=orphaned)
         events.put(("finished", name, result.images, result.seconds))
     except CxrgenError as exc:
         events.put(("error", name, str(exc), exc.exit_code))
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C reached the whole process group while this worker was loading
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - any failure must reach the parent as one line, then stop the run
+        events.put(("error", name, f"worker {name} failed: {type(exc).__name__}: {exc}; what was written is "
+                                   f"kept: run `{resume_command(config.out)}`", 1))
+        raise
 
 
 def _run_json(config: RunConfig, manifest: Manifest, settings: dict, bundle, devices: list[str]) -> dict:

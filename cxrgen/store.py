@@ -6,7 +6,9 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import shlex
+import socket
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,6 +20,7 @@ from cxrgen.errors import RunError
 STATE_DIR = ".cxrgen"  # journal, lock and claims live here, beside images/
 RECORDS_DIR = f"{STATE_DIR}/records"
 TMP_MARK = ".tmp-"
+_HOST = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())[:32] or "host"
 
 # Fixed column types, so an empty run and a resumed run write the same schema.
 METADATA_SCHEMA = pa.schema([
@@ -29,6 +32,7 @@ METADATA_SCHEMA = pa.schema([
     ("diffusion_model_md5", pa.string()), ("text_encoder", pa.string()), ("dtype", pa.string()),
     ("device_type", pa.string()), ("cxrgen_version", pa.string()), ("token_count", pa.int64()),
     ("truncated", pa.bool_()), ("created_at", pa.string()), ("worker", pa.string()),
+    ("text_encoder_fingerprint", pa.string()),
 ])
 
 
@@ -43,7 +47,8 @@ def file_digest(path: Path, algorithm: str) -> str:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write to a temporary name in the same folder, fsync, rename into place, fsync the folder."""
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    # Unique across hosts and containers sharing the folder (pids repeat there), not just across processes.
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as handle:
@@ -194,11 +199,29 @@ def write_metadata(out: Path, records: list[dict], labels: pa.Table, rows: list[
     """metadata.parquet: one row per image in plan order, the manifest's label columns appended."""
     table = pa.Table.from_pylist(records, schema=METADATA_SCHEMA)
     picked = labels.take(pa.array([r - 1 for r in rows], type=pa.int64())) if labels.num_columns else None
-    for name in labels.column_names if picked is not None else []:
-        column_name = name if name not in table.column_names else f"label_{name}"
-        table = table.append_column(column_name, picked.column(name))
+    for index, column_name in enumerate(label_column_names(labels.column_names) if picked is not None else []):
+        table = table.append_column(column_name, picked.column(index))
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer)
     path = out / "metadata.parquet"
     atomic_write(path, buffer.getvalue().to_pybytes())
     return path
+
+
+def label_column_names(names: list[str]) -> list[str]:
+    """Metadata names of the label columns: a name taken by cxrgen's columns gets "label_" until free."""
+    own = set(METADATA_SCHEMA.names)
+    # Never rename a label that does not clash, so a manifest's own `label_x` keeps its name and a clashing
+    # `x` steps past it (to `label_label_x`) whatever the column order; duplicate readers refuse the file.
+    reserved = own | set(names)
+    used: set[str] = set()
+    result = []
+    for name in names:
+        column_name = name
+        if column_name in own or column_name in used:
+            column_name = f"label_{name}"
+            while column_name in reserved or column_name in used:
+                column_name = f"label_{column_name}"
+        used.add(column_name)
+        result.append(column_name)
+    return result

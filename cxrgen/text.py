@@ -1,16 +1,30 @@
 """The CLIP tokenizer and text encoder that turn prompts into prompt_embeds, cached per prompt."""
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+import socket
 import threading
+import urllib.parse
+import urllib.request
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from cxrgen.errors import InputError
+from cxrgen.store import file_digest
 
 MAX_TOKENS = 77
-CACHE_LIMIT = 4096  # distinct prompt_embeds kept on the CPU (about 315 kB each at width 1024)
+# Distinct prompt_embeds kept on the CPU, least recently used dropped first: about 315 kB each at width
+# 1024, so ~80 MB per worker. Plan order keeps a row's images together, so a prompt rarely returns later.
+CACHE_LIMIT = 256
+HUB_PROBE_SECONDS = 3.0  # offline, the hub client retries for minutes; one short probe fails in seconds
+# The weight files transformers looks for in a text_encoder folder, in the order it prefers them.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 @dataclass(frozen=True)
@@ -24,11 +38,16 @@ class TokenInfo:
 class TextEncoder:
     """Tokenizer + CLIPTextModel; encode() returns the last hidden state, one row per prompt."""
 
-    def __init__(self, tokenizer, model, source: str):
+    def __init__(self, tokenizer, model, source: str, weights: tuple[str, str, str] | None = None,
+                 cache_limit: int = CACHE_LIMIT):
         self.tokenizer = tokenizer
         self.model = model.eval().requires_grad_(False)
         self.source = source
-        self._cache: dict[str, torch.Tensor] = {}
+        # (where, subfolder, "folder" or "hub"): where the weights were loaded from, for the fingerprint
+        self.weights = weights
+        self.cache_limit = cache_limit
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._fingerprint: str | None = None
         # The tokenizer keeps padding/truncation state between calls; callers on other threads must queue.
         self._lock = threading.Lock()
 
@@ -45,17 +64,82 @@ class TextEncoder:
 
     @torch.no_grad()
     def encode(self, prompts: list[str], device: torch.device) -> torch.Tensor:
-        """prompt_embeds of shape (len(prompts), 77, width), computed once per distinct prompt."""
-        if len(self._cache) > CACHE_LIMIT:
-            self._cache.clear()  # plan order keeps a row's images together, so old prompts rarely return
+        """prompt_embeds of shape (len(prompts), 77, width), computed once per distinct recent prompt."""
+        # Held locally too: a batch with more distinct prompts than the cache holds still gets all of them.
+        embeds: dict[str, torch.Tensor] = {}
         for prompt in dict.fromkeys(prompts):
-            if prompt not in self._cache:
-                # One prompt per call: its embedding must not depend on which prompts share a batch.
-                with self._lock:
+            with self._lock:
+                embed = self._cache.get(prompt)
+                if embed is not None:
+                    self._cache.move_to_end(prompt)
+                else:
+                    # One prompt per call: its embedding must not depend on which prompts share a batch.
                     ids = self.tokenizer([prompt], padding="max_length", max_length=MAX_TOKENS, truncation=True,
                                          return_tensors="pt").input_ids
-                self._cache[prompt] = self.model(ids.to(self.model.device))[0][0].float().cpu()
-        return torch.stack([self._cache[p] for p in prompts]).to(device)
+            if embed is None:
+                embed = self.model(ids.to(self.model.device))[0][0].float().cpu()
+                with self._lock:
+                    self._cache[prompt] = embed
+                    while len(self._cache) > self.cache_limit:
+                        self._cache.popitem(last=False)
+            embeds[prompt] = embed
+        return torch.stack([embeds[p] for p in prompts]).to(device)
+
+    @property
+    def fingerprint(self) -> str:
+        """`revision:<commit>` for a hub repo, else `sha256:<hex>` of the weights loaded (hashed once)."""
+        if self._fingerprint is None:
+            self._fingerprint = _fingerprint(self.weights, self.model)
+        return self._fingerprint
+
+
+def text_encoder_fingerprint(text: TextEncoder) -> str:
+    """Identity of the text encoder's weights: `revision:<commit>` (hub repo) or `sha256:<hex>` (folder)."""
+    return text.fingerprint
+
+
+def _fingerprint(weights: tuple[str, str, str] | None, model) -> str:
+    if weights is None:
+        raise ValueError("this TextEncoder was not made by load_text_encoder; its weights file is unknown")
+    where, subfolder, kind = weights
+    if kind == "hub":
+        commit = getattr(model.config, "_commit_hash", None)  # set by transformers 4.x, gone in 5.x
+        resolved = None
+        for name in WEIGHT_FILES:
+            resolved = _cached_hub_file(where, f"{subfolder}/{name}" if subfolder else name)
+            if resolved is not None:
+                break
+        if resolved is not None and not commit:
+            match = re.search(r"snapshots/([0-9a-f]{40})/", Path(resolved).as_posix())
+            commit = match.group(1) if match else None
+        if commit:
+            return f"revision:{commit}"
+        if resolved is None:
+            raise ValueError(f"no weights file of {where} is in the local Hugging Face cache")
+        return _weights_digest(Path(resolved))
+    folder = Path(where) / subfolder if subfolder else Path(where)
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return _weights_digest(folder / name)
+    raise ValueError(f"no weights file ({', '.join(WEIGHT_FILES)}) in {folder}")
+
+
+def _cached_hub_file(repo: str, filename: str) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(repo, filename)
+    return path if isinstance(path, str) else None
+
+
+def _weights_digest(path: Path) -> str:
+    """sha256 of one weights file; of a sharded checkpoint, over the index then each shard in name order."""
+    if not path.name.endswith(".index.json"):
+        return f"sha256:{file_digest(path, 'sha256')}"
+    shards = sorted(set(json.loads(path.read_text(encoding="utf-8")).get("weight_map", {}).values()))
+    digest = hashlib.sha256(file_digest(path, "sha256").encode())
+    for shard in shards:
+        digest.update(file_digest(path.parent / shard, "sha256").encode())
+    return f"sha256:{digest.hexdigest()}"
 
 
 def load_text_encoder(text_encoder: str, device: torch.device | str = "cpu") -> TextEncoder:
@@ -76,12 +160,72 @@ def load_text_encoder(text_encoder: str, device: torch.device | str = "cpu") -> 
     else:
         where = (text_encoder, "tokenizer", "text_encoder")
         tried = f"Hugging Face repo {text_encoder} (subfolders tokenizer/, text_encoder/)"
+
+    def fail(reason: str) -> InputError:
+        return InputError(f"cannot load the text encoder from {tried}: {reason}; on an offline machine or if the "
+                          "repo is gone, pass --text-encoder /path/to/local/copy (a folder with tokenizer/ and "
+                          "text_encoder/)")
+
+    def load(**options):
+        return (CLIPTokenizer.from_pretrained(where[0], subfolder=where[1] or "", **options),
+                CLIPTextModel.from_pretrained(where[0], subfolder=where[2] or "", **options))
+
+    kind = "folder" if local.is_dir() else "hub"
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(where[0], subfolder=where[1] or "")
-        model = CLIPTextModel.from_pretrained(where[0], subfolder=where[2] or "")
+        if kind == "folder":
+            tokenizer, model = load()
+        else:
+            tokenizer, model = _load_from_hub(load, fail)
+    except InputError:
+        raise
     except Exception as exc:  # noqa: BLE001 - hub, network and file errors all get one actionable line
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"cannot load the text encoder from {tried}: {reason}; on an offline machine or if the "
-                         "repo is gone, pass --text-encoder /path/to/local/copy (a folder with tokenizer/ and "
-                         "text_encoder/)") from None
-    return TextEncoder(tokenizer, model.to(device), text_encoder)
+        raise fail(_first_line(exc)) from None
+    return TextEncoder(tokenizer, model.to(device), text_encoder, weights=(where[0], where[2] or "", kind))
+
+
+def _load_from_hub(load, fail):
+    """The local Hugging Face cache first; the network only after a quick probe says the hub answers."""
+    from huggingface_hub import constants
+
+    try:
+        return load(local_files_only=True)
+    except Exception:  # noqa: BLE001 - any miss or damage in the cache: the hub may still have it
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise fail("it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+    endpoint = constants.ENDPOINT
+    problem = hub_unreachable(endpoint)
+    if problem:
+        raise fail(f"it is not in the local Hugging Face cache and the hub {endpoint} is unreachable ({problem})")
+    return load()
+
+
+def hub_unreachable(endpoint: str, timeout: float = HUB_PROBE_SECONDS) -> str | None:
+    """Why a TCP connection to the hub (or the proxy that reaches it) fails within timeout, or None."""
+    url = urllib.parse.urlsplit(endpoint)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        # Behind a proxy the hub itself is not directly reachable; the proxy is what must answer.
+        proxy_url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_url.hostname or "", proxy_url.port or (443 if proxy_url.scheme == "https" else 80)
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(f"{host}:{port}: {exc.strerror or exc or type(exc).__name__}")
+
+    # A thread, because name resolution ignores the socket timeout and can stall for tens of seconds.
+    probe = threading.Thread(target=connect, name="cxrgen-hub-probe", daemon=True)
+    probe.start()
+    probe.join(timeout + 0.5)
+    if not outcome:
+        return f"{host}:{port}: no answer within {timeout:g} s"
+    return outcome[0]
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__

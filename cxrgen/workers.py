@@ -5,6 +5,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,20 +30,29 @@ class Rank:
         return f"rank{self.rank}"
 
 
-def rank_from_env(environ: dict) -> Rank | None:
-    """torchrun's RANK/WORLD_SIZE/LOCAL_RANK or Slurm's SLURM_PROCID/NTASKS/LOCALID; None when absent.
+# Slurm's step id inside the batch script or the "extern" step; only srun-started steps are launches.
+_NOT_A_LAUNCH_STEP = {"batch", "extern", "interactive"}
 
-    Called by the CLI only: environment variables are read at the boundary.
+
+def rank_from_env(environ: dict) -> Rank | None:
+    """torchrun's RANK/WORLD_SIZE/LOCAL_RANK or an srun step's SLURM_PROCID/SLURM_STEP_NUM_TASKS; None when absent.
+
+    Inside a Slurm allocation the batch script itself also sees SLURM_PROCID=0 and SLURM_NTASKS=N; a
+    command run there drives the whole plan, so Slurm's variables count only inside a job step started
+    by srun, the only place Slurm sets the step's task count SLURM_STEP_NUM_TASKS. Called by the CLI
+    only: environment variables are read at the boundary.
     """
-    for rank, world, local in (("RANK", "WORLD_SIZE", "LOCAL_RANK"),
-                               ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
-        if rank in environ and world in environ:
+    slurm_step = "SLURM_STEP_NUM_TASKS" in environ and \
+        environ.get("SLURM_STEP_ID", environ.get("SLURM_STEPID", "")).lower() not in _NOT_A_LAUNCH_STEP
+    for rank, world, local, active in (("RANK", "WORLD_SIZE", "LOCAL_RANK", True),
+                                       ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", slurm_step)):
+        if active and rank in environ and world in environ:
             values = (environ[rank], environ[world], environ.get(local, "0"))
             try:
                 r, w, lr = (int(v) for v in values)
             except ValueError:
                 raise InputError(f"{rank}={values[0]!r}, {world}={values[1]!r}: launcher variables must be whole "
-                               "numbers") from None
+                                 "numbers") from None
             if not (0 <= r < w):
                 raise InputError(f"{rank}={r} is outside 0..{world}-1={w - 1}; check the launcher")
             return Rank(r, w, lr) if w > 1 else None
@@ -73,53 +83,122 @@ class WorkerResult:
     seconds: float = 0.0
 
 
+def cpu_threads_per_worker(devices: list[str], cores: int) -> int:
+    """Intra-op threads for each CPU worker: its share of the cores (workers must not fight over them)."""
+    cpu_workers = sum(1 for d in devices if d == "cpu")
+    return max(1, cores // max(1, cpu_workers))
+
+
 def run_local_workers(target: Callable, args_of: Callable[[int, str], tuple], devices: list[str],
                       batches: list[list[WorkItem]], on_done: Callable[[int], None], out: Path) -> list[WorkerResult]:
     """Start one process per device; each pulls the next batch from a shared queue until none remain.
 
-    `target(*args_of(index, device), tasks, events)` runs in each child and reports through `events`:
-    ("done", name, n), ("finished", name, images, seconds) or ("error", name, message, exit_code).
+    `target(*args_of(index, device), tasks, events)` runs in each child, takes batches with `next_batch`
+    and reports through `events`: ("done", name, n), ("finished", name, images, seconds) or
+    ("error", name, message, exit_code).
     """
     ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
-    tasks, events = ctx.Queue(), ctx.Queue()
-    for batch in batches:
-        tasks.put(batch)
-    for _ in devices:
-        tasks.put(None)
+    # Fed lazily, a few batches ahead: with every batch queued up front, the parent's feeder thread blocks
+    # on the full pipe once the workers stop early, and the interpreter waits for it at exit forever.
+    tasks, events = ctx.Queue(maxsize=2 * len(devices)), ctx.Queue()
+    feed = _Feeder(tasks, batches, len(devices))
     procs = [ctx.Process(target=target, args=(*args_of(i, d), tasks, events)) for i, d in enumerate(devices)]
     for proc in procs:
         proc.start()
-    results, errors, signals = _supervise(procs, events, on_done)
-    for proc in procs:
-        proc.join()
+    try:
+        results, errors, signals = _supervise(procs, events, on_done, feed, out)
+    finally:
+        _stop(procs, feed, events)
     if signals:
         raise Interrupted(f"stopped by {signal.Signals(signals[0]).name}; what was written is kept: "
                           f"finish with `{resume_command(out)}`", 130 if signals[0] == signal.SIGINT else 143)
     if errors:
         raise RunError(errors[0])
-    dead = [p for p in procs if p.exitcode != 0]
-    if dead:
-        raise RunError(f"worker process {dead[0].pid} died with exit code {dead[0].exitcode}; what it "
-                       f"finished is kept: run `{resume_command(out)}`")
     return sorted(results.values(), key=lambda r: r.name)
 
 
-def _supervise(procs: list, events, on_done: Callable[[int], None]) -> tuple[dict, list[str], list[int]]:
-    """Relay progress; forward SIGINT/SIGTERM to the workers; stop all workers after one fails."""
+def next_batch(tasks, stop: Callable[[], bool]):
+    """Batches from the task queue until its end marker, or until stop() says so (polled every second)."""
+    while True:
+        try:
+            batch = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if stop():
+                return
+            continue
+        if batch is None:
+            return
+        yield batch
+
+
+class _Feeder:
+    """Puts batches on the bounded task queue as room frees up, then one end marker per worker."""
+
+    def __init__(self, tasks, batches: list, workers: int):
+        self.tasks, self.workers = tasks, workers
+        self.items = iter([*batches, *([None] * workers)])
+        self.next = next(self.items, _END)
+        self.stopped = False
+
+    def top_up(self) -> None:
+        """Queue as many batches as fit without blocking."""
+        while self.next is not _END:
+            try:
+                self.tasks.put_nowait(self.next)
+            except queue.Full:
+                return
+            self.next = next(self.items, _END)
+
+    def stop(self) -> None:
+        """Queue nothing more: drop what is queued and end each worker's loop after its current batch."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self.items, self.next = iter([None] * (self.workers - 1)), None
+        try:
+            while True:
+                self.tasks.get_nowait()
+        except (queue.Empty, OSError, ValueError):
+            pass
+        self.top_up()
+
+
+_END = object()
+_STOP_GRACE_S = 60.0  # a stopping worker finishes its UNet step and writes; after this it is killed
+
+
+def _supervise(procs: list, events, on_done: Callable[[int], None], feed: _Feeder, out: Path
+               ) -> tuple[dict, list[str], list[int]]:
+    """Relay progress and feed the queue; forward SIGINT/SIGTERM to the workers; stop all after one fails."""
     results: dict[str, WorkerResult] = {}
-    errors: list[str] = []
+    errors: list[str] = []  # what the workers reported
+    crashes: list[str] = []  # workers that died without a word
     signals: list[int] = []
     pending: list[int] = []
     previous = {s: signal.signal(s, lambda signum, _f: pending.append(signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop_all(signum: int) -> None:
+        feed.stop()
+        _signal_all(procs, signum)
+
     try:
         while any(p.is_alive() for p in procs) or not events.empty():
+            # 1. a signal is forwarded once; the queue is emptied so every worker ends after its batch
             while pending:
                 signals.append(pending.pop())
-                _signal_all(procs, signals[-1])
+                stop_all(signals[-1])
+            feed.top_up()
+            # 2. progress, results, reported errors
             try:
                 event = events.get(timeout=_POLL_S)
             except queue.Empty:
+                # 3. a worker that died without reporting (killed, or a crash outside cxrgen's errors)
+                for proc in procs:
+                    if proc.exitcode not in (None, 0, 130, 143) and not (signals or errors or crashes):
+                        crashes.append(f"worker process {proc.pid} died with exit code {proc.exitcode}; what it "
+                                       f"finished is kept: run `{resume_command(out)}`")
+                        stop_all(signal.SIGTERM)
                 continue
             result = results.setdefault(event[1], WorkerResult(event[1]))
             if event[0] == "done":
@@ -129,11 +208,25 @@ def _supervise(procs: list, events, on_done: Callable[[int], None]) -> tuple[dic
                 result.images, result.seconds = event[2], event[3]
             elif event[0] == "error" and event[3] not in (130, 143):
                 errors.append(event[2])
-                _signal_all(procs, signal.SIGTERM)  # the others stop cleanly after their current batch
+                stop_all(signal.SIGTERM)  # the others stop cleanly after their current UNet step
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return results, errors, signals
+    return results, errors + crashes, signals
+
+
+def _stop(procs: list, feed: _Feeder, events) -> None:
+    """Join every worker (killing any that outlives the grace period) and release the queues' threads."""
+    deadline = time.monotonic() + _STOP_GRACE_S
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    for q in (feed.tasks, events):
+        q.cancel_join_thread()  # whatever is still queued is not needed: never wait for it at exit
+        q.close()
 
 
 def _signal_all(procs: list, signum: int) -> None:

@@ -80,6 +80,15 @@ def test_batch_of_one_equals_reference(tmp_path, bundle_dir, text_encoder_dir, e
     assert_close(pixels(tmp_path / "single", meta.loc[0, "file_name"]), expected)
 
 
+def test_batch_of_one_with_default_options_equals_reference_exactly(tmp_path, bundle_dir, text_encoder_dir,
+                                                                    expected):
+    """Bit-exact at batch size 1 (PNG is lossless): catches rounding instead of truncation to uint8."""
+    meta = run(tmp_path, bundle_dir, text_encoder_dir, [TARGET], "exact", batch_size=1)
+    got = pixels(tmp_path / "exact", meta.loc[0, "file_name"])
+    assert got.shape == expected.shape
+    assert np.array_equal(got, expected), f"{int((got != expected).sum())} pixels differ"
+
+
 def test_image_inside_mixed_batch_equals_reference(tmp_path, bundle_dir, text_encoder_dir, expected):
     rows = [OTHERS[0], TARGET, *OTHERS[1:]]
     meta = run(tmp_path, bundle_dir, text_encoder_dir, rows, "mixed", batch_size=4)

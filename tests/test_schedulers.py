@@ -31,8 +31,31 @@ def model():
     gen = torch.Generator().manual_seed(5)
     cond = torch.randn(len(SEEDS), 77, tiny.WIDTH, generator=gen)
     uncond = torch.randn(1, 77, tiny.WIDTH, generator=gen).expand(len(SEEDS), -1, -1)
-    noise = initial_latents(SEEDS, tiny.LATENT)
-    return unet, cond, uncond, noise
+    return unet, cond, uncond, contract_noise(SEEDS)
+
+
+def contract_noise(seeds) -> torch.Tensor:
+    """README's noise contract, written out here and not taken from cxrgen (so it can catch a contract bug)."""
+    return torch.cat([torch.randn((1, *tiny.LATENT), generator=torch.Generator("cpu").manual_seed(s),
+                                  dtype=torch.float32) for s in seeds])
+
+
+def test_initial_latents_follow_the_noise_contract():
+    seeds = [0, 11, 2**63 - 1, 12]
+    noise = initial_latents(seeds, tiny.LATENT)
+    assert noise.dtype == torch.float32 and noise.device.type == "cpu"
+    assert noise.shape == (len(seeds), *tiny.LATENT)
+    assert torch.equal(noise, contract_noise(seeds))
+
+
+def test_noise_of_an_image_does_not_depend_on_its_batch():
+    alone = initial_latents([12], tiny.LATENT)
+    for batch in ([12, 11], [11, 12, 13], [13, 13, 12], [12] * 3):
+        noise = initial_latents(batch, tiny.LATENT)
+        for i, seed in enumerate(batch):
+            if seed == 12:
+                assert torch.equal(noise[i:i + 1], alone), batch
+    assert not torch.equal(initial_latents([11], tiny.LATENT), alone)
 
 
 def _denoise(unet):

@@ -1,6 +1,7 @@
 """Several workers or launcher ranks make the same dataset as one process, and merge exactly once."""
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -65,8 +66,9 @@ def test_two_workers_match_one(manifest, single, bundle_dir, text_encoder_dir, t
 
 def test_slow_worker_does_not_hold_the_run_back(manifest, bundle_dir, text_encoder_dir, tmp_path):
     out = tmp_path / "slow"
-    generate(config(manifest, out, bundle_dir, text_encoder_dir, workers=2, batch_size=1),
-             engine_hook=tiny.slow_first_worker)
+    # w0 holds its first batch until w1 has journaled 6 of the 10 images: the queue must let w1 take them
+    hook = functools.partial(tiny.first_worker_waits_for_the_other, out=str(out), records=6)
+    generate(config(manifest, out, bundle_dir, text_encoder_dir, workers=2, batch_size=1), engine_hook=hook)
     meta = pd.read_parquet(out / "metadata.parquet")
     counts = meta.worker.value_counts()
     assert counts.sum() == 10 and meta.image_id.is_unique
@@ -87,9 +89,12 @@ def test_ranks_together_make_the_same_dataset(launcher, manifest, single, bundle
     if launcher == "torchrun":
         env = lambda r: {"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)}  # noqa: E731
     else:
-        env = lambda r: {"SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r)}  # noqa: E731
+        # what srun sets in a job step (the batch script itself has SLURM_PROCID/SLURM_NTASKS but no step)
+        env = lambda r: {"SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),  # noqa: E731
+                         "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_ID": "77"}
     procs = _launch(manifest, out, bundle_dir, text_encoder_dir, env, 2)
     errors = [p.communicate(timeout=300)[1] for p in procs]
+    # a rank whose share is done waits for the other, so both end with the complete run: 0
     assert [p.returncode for p in procs] == [0, 0], errors
     assert_same_dataset(single, out)
     assert merges(out) == 1
@@ -115,14 +120,15 @@ def test_dead_rank_is_finished_by_resume_with_one_process(manifest, single, bund
         "main()\n")
     base = ["generate", str(manifest), "-o", str(out), "--model", str(bundle_dir), "--text-encoder",
             str(text_encoder_dir), "--steps", "2", "--num-images", "2", "--batch-size", "2", "--image-format",
-            "png", "--quiet"]
+            "png", "--quiet", "--rank-wait", "0"]
     env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2"}
     killed = subprocess.run([sys.executable, str(driver), *base], env=env, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
     env0 = {**os.environ, "RANK": "0", "WORLD_SIZE": "2"}
     first = subprocess.run([sys.executable, "-m", "cxrgen", *base], env=env0, capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr
-    assert not (out / "metadata.parquet").exists()  # rank 1's share is unfinished: nobody merges
+    # its share is done, rank 1 is dead with work left: nobody merges, and the exit code says "incomplete"
+    assert first.returncode == 3, first.stderr
+    assert not (out / "metadata.parquet").exists()
     result = resume(out, quiet=True)
     assert result.already_done > 0 and result.written > 0
     assert_same_dataset(single, out)
@@ -133,7 +139,15 @@ def test_rank_env_parsing_and_shares():
     assert rank_from_env({}) is None
     assert rank_from_env({"RANK": "0", "WORLD_SIZE": "1"}) is None
     assert rank_from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == Rank(3, 4, 1)
-    assert rank_from_env({"SLURM_PROCID": "2", "SLURM_NTASKS": "8", "SLURM_LOCALID": "2"}) == Rank(2, 8, 2)
+    step = {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8"}
+    assert rank_from_env({"SLURM_PROCID": "2", "SLURM_NTASKS": "8", "SLURM_LOCALID": "2", **step}) == Rank(2, 8, 2)
+    # the batch script of an allocation is rank 0 of N by its variables, but it is no launch
+    assert rank_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "9"}) is None
+    assert rank_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "batch",
+                          "SLURM_STEP_NUM_TASKS": "4"}) is None
+    # an srun step of 2 tasks inside a 4-task allocation: the step's count is the world size
+    assert rank_from_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "3",
+                          "SLURM_STEP_NUM_TASKS": "2"}) == Rank(1, 2, 0)
     from cxrgen.errors import InputError
     with pytest.raises(InputError, match="RANK=5 is outside"):
         rank_from_env({"RANK": "5", "WORLD_SIZE": "2"})

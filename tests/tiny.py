@@ -105,18 +105,54 @@ def build_text_encoder(root: Path, seed: int = 0, width: int = WIDTH) -> Path:
     return root
 
 
-def slow_first_worker(engine, name: str):
-    """engine_hook for tests: worker w0 sleeps before every batch (picklable: module-level)."""
+def first_worker_waits_for_the_other(engine, name: str, out: str = "", records: int = 0):
+    """engine_hook for tests: w0 holds its first batch until w1 has journaled `records` images.
+
+    Deterministic, unlike a sleep racing real work: w1 must take more of the queue whatever the load.
+    Bind `out` and `records` with functools.partial (picklable: module-level).
+    """
     import time
 
     if name == "w0":
         original = engine.run_batch
+        journal = Path(out) / ".cxrgen" / "records" / "part-w1.jsonl"
 
-        def slow(items, on_step=None):
-            time.sleep(1.5)
+        def wait_then_run(items, on_step=None):
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                if journal.is_file() and len(journal.read_text().splitlines()) >= records:
+                    break
+                time.sleep(0.05)
             return original(items, on_step)
 
-        engine.run_batch = slow
+        engine.run_batch = wait_then_run
+    return engine
+
+
+def fail_in_w1(engine, name: str, after: int = 1, marker: str = ""):
+    """engine_hook for tests: worker w1 raises a plain RuntimeError (not a cxrgen error) after `after` batches,
+    first creating the file `marker` (when given) so a test knows when it failed."""
+    if name == "w1":
+        original = engine.run_batch
+        calls = [0]
+
+        def failing(items, on_step=None):
+            calls[0] += 1
+            if calls[0] > after:
+                if marker:
+                    Path(marker).touch()
+                raise RuntimeError("simulated worker bug")
+            return original(items, on_step)
+
+        engine.run_batch = failing
+    return engine
+
+
+def record_threads(engine, name: str, folder: str = ""):
+    """engine_hook for tests: each worker writes its torch intra-op thread count to folder/<name>."""
+    import torch
+
+    (Path(folder) / name).write_text(str(torch.get_num_threads()))
     return engine
 
 
