@@ -1,7 +1,7 @@
 """Stand-ins for the real model files, built on the fly: the bundle's architecture with random weights.
 
 The benchmark needs the real model's cost, not its pictures, so the networks have exactly the
-bundle's architecture (REFERENCE.md) and seeded random weights, saved in the old GenerativeModels
+bundle's architecture (docs/algorithm.md) and seeded random weights, saved in the old GenerativeModels
 checkpoint layout the published files use; the text encoder has the SD 2.x text architecture and
 the real tokenizer files. `tiny=True` gives toy sizes for the smoke test.
 """
@@ -19,7 +19,7 @@ from cxrgen.checkpoint import to_old_layout
 REPO = Path(__file__).resolve().parent.parent
 TOKENIZER_FILES = REPO / "tests" / "fixtures" / "sd2-tokenizer"  # data files, not test code
 
-# configs/inference.json of the model-zoo bundle (v1.0.1+), as REFERENCE.md lists them.
+# configs/inference.json of the model-zoo bundle (v1.0.1+), as docs/algorithm.md lists them.
 REAL_AUTOENCODER = dict(spatial_dims=2, in_channels=1, out_channels=1, latent_channels=3,
                         channels=[64, 128, 128, 128], num_res_blocks=2, norm_num_groups=32, norm_eps=1e-6,
                         attention_levels=[False, False, False, False], with_encoder_nonlocal_attn=False,

@@ -5,7 +5,7 @@ Builds, in a temporary folder, a bundle with the real architecture and random we
 layout), a text encoder with the SD 2.x text architecture (random weights, real tokenizer files) and
 a manifest of distinct report-like prompts. Then, in this one process and interleaved:
 
-  reference   REFERENCE.md's single-image loop: models loaded once, float32, batch 1; per image
+  reference   docs/algorithm.md's single-image loop: models loaded once, float32, batch 1; per image
               tokenize ["", prompt], encode, DDIM with cat([x, x]) and u + g * (c - u), decode
               x / 0.3, clip * 255 -> uint8, save a JPEG.
   cxrgen      cxrgen.run.generate on the same manifest into a fresh folder per repetition (real
@@ -47,7 +47,7 @@ from PIL import Image  # noqa: E402
 
 import fake_model  # noqa: E402
 
-UNET_TFLOP_PER_STEP = 0.6393  # per image, both guidance rows, 64x64 latent (REFERENCE.md)
+UNET_TFLOP_PER_STEP = 0.6393  # per image, both guidance rows, 64x64 latent (torch flop counter; docs/performance.md)
 DECODE_TFLOP = 0.304  # per 512x512 image
 SCALE_FACTOR = 0.3
 GUIDANCE = 7.0
@@ -179,7 +179,7 @@ def _latent_of(config: dict) -> tuple[int, ...]:
 @torch.no_grad()
 def reference_image(models: dict, prompt: str, seed: int, steps: int, device: torch.device,
                     path: Path | None) -> np.ndarray:
-    """One image exactly as REFERENCE.md describes the bundle's sampler (batch 1, float32)."""
+    """One image exactly as docs/algorithm.md describes the bundle's sampler (batch 1, float32)."""
     from monai.networks.schedulers import DDIMScheduler
 
     ids = models["tokenizer"](["", prompt], padding="max_length", max_length=77, truncation=True,

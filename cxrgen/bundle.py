@@ -12,7 +12,7 @@ import torch
 from cxrgen.checkpoint import load_into, md5sum, read_state_dict
 from cxrgen.errors import InputError
 
-# md5 of the published checkpoints (REFERENCE.md); a download is checked against these.
+# md5 of the published checkpoints (docs/algorithm.md); a download is checked against these.
 KNOWN_MD5 = {
     "cxr_image_synthesis_latent_diffusion_model": {
         "autoencoder.pth": "7f579cb789597db7bb5de1488f54bc6c",

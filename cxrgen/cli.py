@@ -20,7 +20,8 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
 )
 
-# Options shared by generate and resume: none of them changes pixels.
+# Options shared by generate and resume: speed options, which never change which images exist or their
+# seeds (float rounding of batched kernels aside: README, "What a resume gives").
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per UNet call; 0 picks one for the device.")]
 DecodeBatch = Annotated[int, typer.Option("--decode-batch-size", help="Latents per decoder call; 0 = 1 on CPU, "
                                           "8 on CUDA.")]
@@ -107,7 +108,7 @@ def generate(
     is complete; 1 it failed (resumable); 2 bad input, nothing written; 3 this rank's share is done but
     other ranks still have work; 130/143 stopped by SIGINT/SIGTERM (resumable).
 
-    Example: cxrgen generate manifests/demo.csv --out demo_out --num-images 2 --steps 50
+    Example: cxrgen generate manifests/demo.csv --out demo_out --steps 50 --batch-size 8
     """
     try:
         from cxrgen.run import generate as run_generate

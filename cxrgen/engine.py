@@ -72,7 +72,8 @@ def default_decode_batch_size(device: torch.device) -> int:
     On CPU one-at-a-time decoding used less CPU time than whole-batch decoding and cut a 4-image
     batch's peak RSS from 6.0 to 3.7 GiB (docs/performance.md). On CUDA a 512x512 float32 decode holds
     several 128 MiB activations per image, so a whole 64-128 image batch would not fit; 8 keeps the
-    decoder's share of memory small. Every image decodes on its own, so pixels do not depend on it.
+    decoder's share of memory small. Every image decodes on its own, so only float rounding of the
+    batched kernels can depend on it.
     """
     return 1 if device.type == "cpu" else 8
 
@@ -179,7 +180,7 @@ class Engine:
             if len(items) == 1:
                 raise RunError(f"out of GPU memory on {self.options.device} even for one image; free the GPU "
                                "or use --dtype bfloat16") from None
-            # Each image owns its noise, so smaller batches give the same images.
+            # Each image owns its noise, so smaller batches give the same images (up to float rounding).
             torch.cuda.empty_cache()
             self.max_batch = len(items) // 2
             return self.run_batch(items, on_step)

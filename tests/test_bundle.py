@@ -22,7 +22,7 @@ from cxrgen.text import MAX_TOKENS, TokenInfo, load_text_encoder
 
 FIXTURE_KEYS = Path(__file__).parent / "fixtures" / "old_checkpoint_keys.json"
 
-# The real architecture (REFERENCE.md) as the benchmark builds it; the full-size test below checks it
+# The real architecture (docs/algorithm.md) as the benchmark builds it; the full-size test below checks it
 # against the real checkpoints' key list, which keeps the benchmark honest too.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from fake_model import REAL_AUTOENCODER, REAL_UNET  # noqa: E402

@@ -1,4 +1,4 @@
-"""cxrgen's images equal REFERENCE.md's single-image algorithm, whatever the batch around them."""
+"""cxrgen's images equal docs/algorithm.md's single-image algorithm, whatever the batch around them."""
 from __future__ import annotations
 
 import numpy as np
@@ -15,7 +15,7 @@ STEPS = 3
 
 
 def reference_image(prompt: str, seed: int, guidance_scale: float, text_dir, steps: int = STEPS) -> np.ndarray:
-    """REFERENCE.md's algorithm for ONE image, written out independently of cxrgen."""
+    """docs/algorithm.md's algorithm for ONE image, written out independently of cxrgen."""
     from monai.networks.schedulers import DDIMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 

@@ -1,6 +1,6 @@
 """The samplers behind --scheduler reproduce independent references on a fixed model and noise.
 
-- ddim: cxrgen's batched guided sampler equals REFERENCE.md's single-image loop over MONAI's own
+- ddim: cxrgen's batched guided sampler equals docs/algorithm.md's single-image loop over MONAI's own
   DDIMScheduler.
 - dpmpp2m: cxrgen's DPM-Solver++(2M) equals (a) the multistep data-prediction update of Lu et al.
   2022 (arXiv:2211.01095, Algorithm 2) written out below from the paper in float64, with its own
