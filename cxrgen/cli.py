@@ -106,7 +106,7 @@ def generate(
 
     Running it again with the same manifest and settings resumes an interrupted run. Exit codes: 0 the run
     is complete; 1 it failed (resumable); 2 bad input, nothing written; 3 this rank's share is done but
-    other ranks still have work; 130/143 stopped by SIGINT/SIGTERM (resumable).
+    other ranks stopped with images left (resume); 130/143 stopped by SIGINT/SIGTERM (resumable).
 
     Example: cxrgen generate manifests/demo.csv --out demo_out --steps 50 --batch-size 8
     """
@@ -153,7 +153,7 @@ def resume(
 
     Every option left out keeps its saved value; only speed options can be given, because the others
     change pixels. Refuses when the manifest or a pixel-changing setting differs from the saved run.
-    Exit codes as for generate (3: this rank's share is done, other ranks still have work).
+    Exit codes as for generate (3: this rank's share is done, other ranks stopped with images left).
 
     Example: cxrgen resume demo_out --batch-size 8
     """
