@@ -179,7 +179,10 @@ def load_bundle(spec: BundleSpec) -> LoadedBundle:
     for stem, cls, args in (("autoencoder", AutoencoderKL, spec.autoencoder_args),
                             ("diffusion_model", DiffusionModelUNet, spec.unet_args)):
         try:
-            model = cls(**args)
+            # On the meta device: no memory and no random initialisation (seconds per network at full
+            # size, paid by every worker and rank); every tensor comes from the checkpoint below.
+            with torch.device("meta"):
+                model = cls(**args)
         except (TypeError, ValueError, AssertionError) as exc:
             raise InputError(f"{spec.root / 'configs' / 'inference.json'}: cannot build {cls.__name__} ({exc})") from None
         path = spec.checkpoints[stem]

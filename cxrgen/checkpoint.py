@@ -1,8 +1,6 @@
 """Checkpoint files: safe loading, the old GenerativeModels key layout, and key/shape checks."""
 from __future__ import annotations
 
-import contextlib
-import io
 import re
 from pathlib import Path
 
@@ -82,13 +80,19 @@ def load_into(model: torch.nn.Module, state: dict, path: Path) -> str:
         raise InputError(f"checkpoint {path} does not match the architecture in configs/inference.json: "
                          f"{'; '.join(parts)}; check that the bundle's files belong together")
     _check_shapes(state, expected, path)
-    if layout == "new":
-        model.load_state_dict(state, strict=True)
-        return "new"
-    # load_old_state_dict empties the dict it is given and prints when keys already match.
-    with contextlib.redirect_stdout(io.StringIO()):
-        model.load_old_state_dict(dict(state))
-    return "old"
+    if layout == "old":
+        # The old layout differs only in names (old_key is the inverse of MONAI's load_old_state_dict), so
+        # the tensors are renamed here: load_old_state_dict would copy into the model's own tensors, which
+        # are empty placeholders on the meta device when the model was built without initialising it.
+        state = {new: state[old_key(new)] for new in new_layout}
+    # assign: the loaded tensors become the parameters, so a model built on the meta device (no random
+    # initialisation, no memory) is complete after this; strict=True re-checks every key
+    model.load_state_dict(state, strict=True, assign=True)
+    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise InputError(f"checkpoint {path} left {len(left)} tensor(s) of the network unset, e.g. {left[0]!r}; "
+                         "check that the bundle's files belong together")
+    return layout
 
 
 def _check_shapes(state: dict, expected: dict, path: Path) -> None:

@@ -34,6 +34,13 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or s
 RankWait = Annotated[Optional[float], typer.Option(
     "--rank-wait", help="Under torchrun/srun: seconds a rank whose share is done waits at least for the other "
     "ranks to start before it concludes they stopped. [default: 60]")]
+Shard = Annotated[Optional[str], typer.Option(
+    "--shard", help="I/N: make only the images whose plan index modulo N is I (one task of an array job; "
+    "read from SLURM_ARRAY_TASK_ID/_COUNT, JOB_COMPLETION_INDEX or AWS_BATCH_JOB_ARRAY_INDEX/_SIZE when "
+    "not given). Shards share OUT; the last to finish writes metadata.parquet.")]
+Shards = Annotated[Optional[int], typer.Option(
+    "--shards", help="Number of shards N of a Kubernetes Indexed Job (JOB_COMPLETION_INDEX gives I); "
+    "default $CXRGEN_SHARDS.")]
 CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Bundle download cache "
                                                   "(default: $CXRGEN_HOME or ~/.cache/cxrgen).")]
 
@@ -55,12 +62,24 @@ def _interrupted(out) -> None:
     raise typer.Exit(130)
 
 
-def _exit_for(result) -> None:
-    """Exit 3 when this process finished only its share and the run is not complete yet."""
+def _exit_for(result, share) -> None:
+    """Exit 3 when images are missing that nobody is making (never a silent 0 on an incomplete run).
+
+    A shard of an array job whose own images are all done exits 0 even while other shards' images are
+    missing: schedulers retry or fail array tasks that exit non-zero, and the other shards come later.
+    """
     from cxrgen.errors import INCOMPLETE_EXIT_CODE
 
-    if not result.complete:
+    shard_done = share is not None and share.shard is not None and result.share_complete
+    if not (result.complete or shard_done):
         raise typer.Exit(INCOMPLETE_EXIT_CODE)
+
+
+def _share(shard: Optional[str], shards: Optional[int]):
+    """This process's part of the plan from --shard, an array job's variables and launcher ranks."""
+    from cxrgen.workers import parse_shard, shard_from_env, share_of
+
+    return share_of(parse_shard(shard) if shard else shard_from_env(os.environ, shards), rank_from_env(os.environ))
 
 
 def _version(value: bool) -> None:
@@ -100,7 +119,8 @@ def generate(
     jpeg_quality: Annotated[int, typer.Option(help="JPEG quality, 1-95.")] = 95,
     batch_size: BatchSize = 0, decode_batch_size: DecodeBatch = 0, device: Device = "auto",
     workers: Workers = 1, channels_last: ChannelsLast = False, compile: Compile = False,
-    cache_dir: CacheDir = None, rank_wait: RankWait = None, quiet: Quiet = False,
+    cache_dir: CacheDir = None, shard: Shard = None, shards: Shards = None, rank_wait: RankWait = None,
+    quiet: Quiet = False,
 ) -> None:
     """Generate one image per (row, sample) of MANIFEST into OUT, with metadata.parquet and run.json.
 
@@ -125,12 +145,13 @@ def generate(
             jpeg_quality=jpeg_quality, workers=workers, quiet=quiet,
             **({} if rank_wait is None else {"rank_wait": rank_wait}),
         )
-        result = run_generate(config, rank=rank_from_env(os.environ))
+        share = _share(shard, shards)
+        result = run_generate(config, rank=share)
     except CxrgenError as exc:
         _fail(exc)
     except KeyboardInterrupt:  # Ctrl-C while models load or metadata merges: nothing is lost
         _interrupted(out)
-    _exit_for(result)
+    _exit_for(result, share)
 
 
 @app.command()
@@ -147,7 +168,10 @@ def resume(
                                                    "[default: the saved value]")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Bundle download cache. [default: the "
                                                       "saved value]")] = None,
-    rank_wait: RankWait = None, quiet: Quiet = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Re-read, checksum and decode every recorded image "
+                                         "first and remake damaged ones (slow on big runs; by default one "
+                                         "file-size check each).")] = False,
+    shard: Shard = None, shards: Shards = None, rank_wait: RankWait = None, quiet: Quiet = False,
 ) -> None:
     """Finish an interrupted run with the settings saved in OUT/run.json.
 
@@ -160,15 +184,16 @@ def resume(
     try:
         from cxrgen.run import resume as run_resume
 
-        result = run_resume(out, rank=rank_from_env(os.environ), batch_size=batch_size,
+        share = _share(shard, shards)
+        result = run_resume(out, rank=share, batch_size=batch_size,
                             decode_batch_size=decode_batch_size, device=device, workers=workers,
                             cache_dir=str(cache_dir.resolve()) if cache_dir else None, rank_wait=rank_wait,
-                            quiet=quiet)
+                            verify=verify, quiet=quiet)
     except CxrgenError as exc:
         _fail(exc)
     except KeyboardInterrupt:
         _interrupted(out)
-    _exit_for(result)
+    _exit_for(result, share)
 
 
 @app.command()
@@ -176,6 +201,8 @@ def status(
     out: Annotated[Path, typer.Argument(help="Output folder of a run.")],
     finalize: Annotated[bool, typer.Option("--finalize", help="Write metadata.parquet if every image is done "
                                            "but no process merged the records (e.g. a rank died).")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Re-read, checksum and decode every recorded image "
+                                         "(finds damaged files of the right size; slow on big runs).")] = False,
 ) -> None:
     """Show planned, done and remaining images of OUT and any damaged or orphaned files.
 
@@ -187,12 +214,12 @@ def status(
         from cxrgen.state import inspect_run
         from cxrgen.store import resume_command
 
-        report = inspect_run(out)
+        report = inspect_run(out, verify=verify)
         if finalize and report.remaining == 0 and not report.finalized:
             from cxrgen.run import finalize_run
 
             finalize_run(out)
-            report = inspect_run(out)
+            report = inspect_run(out, verify=verify)
         elif finalize and report.remaining > 0:
             typer.echo(f"cannot finalize: {report.remaining} image(s) are not done yet; make them with "
                        f"`{resume_command(report.out)}` (it writes metadata.parquet at the end)", err=True)
@@ -210,6 +237,54 @@ def status(
     if not report.complete:
         typer.echo(f"resume with: {resume_command(report.out)}")
         raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(
+    out: Annotated[Path, typer.Argument(help="Output folder of a finished run.")],
+    real: Annotated[Optional[Path], typer.Option("--real", help="Real chest X-rays: a folder of PNG/JPEG files "
+                                                 "(searched recursively) or a CSV/Parquet table with a path column "
+                                                 "(relative to the table) and optional label columns.")] = None,
+    label_map: Annotated[Optional[Path], typer.Option("--label-map", help="JSON object label column -> classifier "
+                                                      "pathology; extends or overrides the built-in map.")] = None,
+    min_score: Annotated[float, typer.Option("--min-score", help="Calibrated score a positive label must reach "
+                                             "(0.5 = the classifier's operating point).")] = 0.5,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per classifier call.")] = 16,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    evaluator_weights: Annotated[Optional[Path], typer.Option(
+        "--evaluator-weights", help="torchxrayvision densenet121-res224-all release file (default: downloaded once "
+        "to $CXRGEN_HOME/torchxrayvision/).")] = None,
+    evaluator_unsafe_pickle: Annotated[bool, typer.Option(
+        "--evaluator-unsafe-pickle", help="Load a weight file that needs classes outside the allow-list with plain "
+        "torch.load, as torchxrayvision does: this RUNS CODE FROM THE FILE; only for files you trust.")] = False,
+    max_pairs: Annotated[int, typer.Option("--max-pairs", help="MS-SSIM pairs per set at most (0: skip).")] = 2000,
+    cache_dir: CacheDir = None, quiet: Quiet = False,
+) -> None:
+    """Measure fidelity (FID/KID with --real), diversity (MS-SSIM) and label adherence of OUT, flag bad images.
+
+    Writes OUT/evaluation/: scores.parquet (per-image scores, flags, accepted), summary.json and report.md
+    with plots; metadata.parquet and the images are not changed. Needs `pip install "cxrgen[evaluate]"`.
+    Exit codes: 0 done; 1 could not write; 2 bad input (unfinished run, empty real set, bad weights), nothing
+    written.
+
+    Example: cxrgen evaluate demo_out --real /data/mimic-cxr-sample
+    """
+    try:
+        from cxrgen.evaluate import EvalOptions, evaluate_run
+
+        options = EvalOptions(
+            out=str(out.resolve()), real=str(real.resolve()) if real else None,
+            label_map=str(label_map) if label_map else None, min_score=min_score, batch_size=batch_size,
+            device=device, evaluator_weights=str(evaluator_weights) if evaluator_weights else None,
+            unsafe_pickle=evaluator_unsafe_pickle, max_pairs=max_pairs,
+            cache_dir=str(cache_dir or default_cache_dir(os.environ)), quiet=quiet,
+        )
+        result = evaluate_run(options)
+    except CxrgenError as exc:
+        _fail(exc)
+    if not quiet:
+        for line in result.headline():
+            typer.echo(line)
 
 
 @app.command()
@@ -243,6 +318,172 @@ def reproduce(
     typer.echo(f"same bytes: {'yes' if result.same_bytes else 'no'}")
     if result.output is not None:
         typer.echo(f"written:    {result.output}")
+
+
+manifest_app = typer.Typer(
+    help="Build manifests for `cxrgen generate`: class-balanced prompts from a label table (from-labels), or "
+         "prompts cut from your own reports (from-reports). Pure Python; no torch or GPU needed.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+)
+app.add_typer(manifest_app, name="manifest")
+Tokenizer = Annotated[Optional[str], typer.Option(
+    "--tokenizer", help="Folder with the SD 2.x CLIP tokenizer files (or a text-encoder folder holding tokenizer/) "
+    "used to check the 77-token limit. [default: the copy shipped with cxrgen]")]
+ManifestOut = Annotated[Path, typer.Option("--out", "-o", help="The manifest to write: .csv or .parquet.")]
+
+
+@manifest_app.command("from-labels")
+def manifest_from_labels(
+    labels: Annotated[Path, typer.Argument(help="Label table (CSV, TSV or Parquet): one row per real image, one "
+                                           "column per finding holding 1, 0, -1 (uncertain) or blank.")],
+    out: ManifestOut,
+    findings: Annotated[Optional[str], typer.Option("--findings", help="Comma-separated finding columns to use "
+                                                    "[default: every column named like a finding]")] = None,
+    target: Annotated[Optional[int], typer.Option("--target", help="Every finding reaches N positives, real + "
+                                                  "synthetic.")] = None,
+    ratio: Annotated[Optional[float], typer.Option("--ratio", help="R synthetic positives per real positive.")] = None,
+    total: Annotated[Optional[int], typer.Option("--total", help="T images, the rarest findings filled first.")] = None,
+    max_per_finding: Annotated[Optional[int], typer.Option("--max-per-finding", help="At most M synthetic "
+                                                           "positives of any one finding.")] = None,
+    normals: Annotated[int, typer.Option("--normals", help="N normal studies (No Finding) besides.")] = 0,
+    max_findings: Annotated[int, typer.Option("--max-findings", help="Findings per prompt at most (1-3); "
+                                              "combinations follow the table's co-occurrence.")] = 3,
+    co_occurrence: Annotated[str, typer.Option("--co-occurrence", help="real: other findings join a prompt as often "
+                                               "as in the table; needed: only findings still below their goal (common "
+                                               "findings are not inflated).")] = "real",
+    uncertain: Annotated[str, typer.Option("--uncertain", help="ignore: -1 is not a positive; positive: count -1 "
+                                           "as positive (U-Ones).")] = "ignore",
+    counts: Annotated[bool, typer.Option("--counts", help="LABELS is a table of counts: columns finding, positive "
+                                         "(negative, uncertain, blank optional); single-finding prompts.")] = False,
+    templates: Annotated[Optional[Path], typer.Option("--templates", help="JSON template file replacing the "
+                                                      "shipped set (format: docs/manifests.md).")] = None,
+    tokenizer: Tokenizer = None,
+    seed: Annotated[int, typer.Option(help="Seed of the draw; same input and seed give the same bytes.")] = 0,
+) -> None:
+    """Write a class-balanced manifest of report-style prompts from a real label table.
+
+    Every row has id, prompt, num_images, one 0/1 column per finding (1: the prompt asserts it; 0: it does
+    not) and template_id. Exit code 2 on bad input; nothing is written then.
+
+    Example: cxrgen manifest from-labels train.csv --target 500 --normals 200 -o aug.csv
+    """
+    try:
+        from cxrgen.prompts import build_from_labels
+
+        result = build_from_labels(
+            labels, out, findings=[f for f in findings.split(",") if f.strip()] if findings else None, target=target,
+            ratio=ratio, total=total, max_per_finding=max_per_finding, normals=normals, max_findings=max_findings,
+            co_occurrence=co_occurrence, uncertain=uncertain, counts=counts, templates=templates, tokenizer=tokenizer, seed=seed)
+    except CxrgenError as exc:
+        _fail(exc)
+    what = "table of counts" if counts else "label table"
+    typer.echo(f"{what}: {labels} ({result.labels.rows:,} images)" +
+               (f"; not findings (ignored): {', '.join(result.labels.ignored)}" if result.labels.ignored else ""))
+    width = max(len("finding"), *(len(row[0]) for row in result.table()))
+    typer.echo(f"{'finding':<{width}}  {'real 1':>8}  {'real 0':>8}  {'real -1':>8}  {'blank':>8}  "
+               f"{'synthetic 1':>11}  {'total 1':>8}")
+    for column, pos, neg, unc, blank, made, total_pos in result.table():
+        typer.echo(f"{column:<{width}}  {pos:>8,}  {neg:>8,}  {unc:>8,}  {blank:>8,}  {made:>11,}  {total_pos:>8,}")
+    typer.echo(f"wrote {result.out}: {result.rows:,} rows, {result.images:,} images ({result.multi:,} with 2-3 "
+               f"findings, {result.normals:,} normal)")
+    for note in result.notes:
+        typer.echo(f"note: {note}")
+
+
+@manifest_app.command("from-reports")
+def manifest_from_reports(
+    reports: Annotated[Path, typer.Argument(help="Table of reports (CSV, TSV or Parquet), one report per row.")],
+    out: ManifestOut,
+    text_column: Annotated[str, typer.Option("--text-column", help="Column with the report text; several, "
+                                             "comma-separated (e.g. findings,impression), are joined.")] = "report",
+    max_sentences: Annotated[int, typer.Option("--max-sentences", help="Consecutive sentences per prompt at most "
+                                               "(all within 77 CLIP tokens).")] = 5,
+    per_report: Annotated[int, typer.Option("--per-report", help="Prompts per report (different sentences where "
+                                            "the report is long enough).")] = 1,
+    num_images: Annotated[int, typer.Option("--num-images", help="Images per prompt (column num_images).")] = 1,
+    tokenizer: Tokenizer = None,
+    seed: Annotated[int, typer.Option(help="Seed choosing the sentences; same input and seed give the same "
+                                      "bytes.")] = 0,
+) -> None:
+    """Write a manifest of prompts cut from your own reports, as the model's training prompts were made.
+
+    Takes the FINDINGS and IMPRESSION sections (the whole text without headers when a report has neither), drops
+    ___ / XXXX placeholders, and keeps up to --max-sentences consecutive sentences within 77 CLIP tokens. The
+    table's other columns (labels, ids) are copied onto each prompt row.
+
+    Example: cxrgen manifest from-reports reports.csv --text-column report -o prompts.csv
+    """
+    try:
+        from cxrgen.reports import build_from_reports
+
+        result = build_from_reports(reports, out, text_column=text_column, max_sentences=max_sentences,
+                                    per_report=per_report, num_images=num_images, seed=seed, tokenizer=tokenizer)
+    except CxrgenError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {result.out}: {result.prompts:,} prompts from {result.reports - len(result.skipped):,} of "
+               f"{result.reports:,} reports" + (f"; columns copied: {', '.join(result.carried)}" if result.carried
+                                                else ""))
+    if result.skipped:
+        rows = ", ".join(map(str, result.skipped[:10])) + (" ..." if len(result.skipped) > 10 else "")
+        typer.echo(f"note: {len(result.skipped):,} report(s) gave no prompt (blank, or no sentence fits in 77 "
+                   f"tokens): rows {rows}")
+
+
+_IGNORED = "Accepted so that a generate command line works unchanged; plan ignores it."
+
+
+@app.command()
+def plan(
+    manifest: Annotated[Path, typer.Argument(help="CSV, TSV or Parquet file with a prompt column.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder generate would use (default: "
+                                                "beside the manifest, named after it).")] = None,
+    manifest_format: Annotated[str, typer.Option(help="auto, csv, tsv or parquet.")] = "auto",
+    prompt_column: Annotated[str, typer.Option(help="Column holding the report sentence.")] = "prompt",
+    allow_empty_prompt: Annotated[bool, typer.Option("--allow-empty-prompt",
+                                                     help="Blank prompts make unconditional samples.")] = False,
+    text_encoder: Annotated[str, typer.Option(help="Hugging Face repo id or local folder; its tokenizer counts the "
+                                              "tokens (the default's is shipped with cxrgen).")] = DEFAULT_TEXT_ENCODER,
+    num_images: Annotated[int, typer.Option(help="Images per row (column num_images overrides).")] = 1,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance (column overrides).")] = 7.0,
+    negative_prompt: Annotated[str, typer.Option(help="Unconditional prompt (column overrides).")] = "",
+    seed: Annotated[int, typer.Option(help="Base seed of the run (column seed overrides).")] = 0,
+    steps: Annotated[int, typer.Option(help="Denoising steps; the estimate scales with them.")] = 50,
+    scheduler: Annotated[str, typer.Option(help="ddim or dpmpp2m.")] = "ddim",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
+    image_format: Annotated[str, typer.Option(help="jpg or png.")] = "jpg",
+    batch_size: BatchSize = 0, device: Device = "auto", workers: Workers = 1,
+    show_all: Annotated[bool, typer.Option("--show-all", help="List every truncated and duplicate prompt.")] = False,
+    model: Annotated[str, typer.Option(hidden=True, help=_IGNORED)] = DEFAULT_MODEL,
+    jpeg_quality: Annotated[int, typer.Option(hidden=True, help=_IGNORED)] = 95,
+    decode_batch_size: Annotated[int, typer.Option("--decode-batch-size", hidden=True, help=_IGNORED)] = 0,
+    channels_last: Annotated[bool, typer.Option("--channels-last", hidden=True, help=_IGNORED)] = False,
+    compile: Annotated[bool, typer.Option("--compile", hidden=True, help=_IGNORED)] = False,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", hidden=True, help=_IGNORED)] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", hidden=True, help=_IGNORED)] = None,
+    shards: Annotated[Optional[int], typer.Option("--shards", hidden=True, help=_IGNORED)] = None,
+    rank_wait: Annotated[Optional[float], typer.Option("--rank-wait", hidden=True, help=_IGNORED)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", hidden=True, help=_IGNORED)] = False,
+) -> None:
+    """Dry run of generate: rows, images, images per label value, truncated and duplicate prompts, and a run-time
+    estimate. Takes generate's options; writes nothing, loads no model, needs no torch.
+
+    Example: cxrgen plan aug.csv --steps 50 --device cuda
+    """
+    try:
+        from cxrgen.dryrun import plan_run
+
+        out = out or (manifest.with_suffix("") if manifest.suffix else manifest.with_name(manifest.name + "_out"))
+        config = RunConfig(
+            manifest=str(manifest), out=str(out.resolve()), manifest_format=manifest_format,
+            prompt_column=prompt_column, allow_empty_prompt=allow_empty_prompt, text_encoder=text_encoder,
+            num_images=num_images, guidance_scale=guidance_scale, negative_prompt=negative_prompt, seed=seed,
+            steps=steps, scheduler=scheduler, batch_size=batch_size, device=device, dtype=dtype,
+            image_format=image_format, workers=workers)
+        report = plan_run(config)
+    except CxrgenError as exc:
+        _fail(exc)
+    for line in report.lines(show_all):
+        typer.echo(line)
 
 
 def main() -> None:

@@ -47,6 +47,7 @@ class RunConfig:
     jpeg_quality: int = 95  # JPEG quality 1-95, ignored for png
     workers: int = 1  # worker processes on this machine (CPU: N processes; CUDA: one per device)
     rank_wait: float = 60.0  # seconds a rank whose share is done waits at least for other ranks to start
+    verify: bool = False  # at start, re-read, checksum and decode every recorded image (else one stat each)
     quiet: bool = False  # no progress bar or summary
 
     def __post_init__(self) -> None:

@@ -152,8 +152,8 @@ class RankLock:
     Taken only under InitLock, so probing the other ranks' locks cannot race with a rank taking its own.
     """
 
-    def __init__(self, state_dir: Path, rank: int, world_size: int):
-        self.state_dir, self.rank, self.world_size = state_dir, rank, world_size
+    def __init__(self, state_dir: Path, rank: int, world_size: int, scope: str = "all"):
+        self.state_dir, self.rank, self.world_size, self.scope = state_dir, rank, world_size, scope
         self.path = state_dir / f"rank{rank}.lock"
         self._fd: int | None = None
 
@@ -167,7 +167,7 @@ class RankLock:
                              f"{f' ({holder})' if holder else ''}: a second launch into the same folder, or two "
                              "processes with the same RANK/SLURM_PROCID; stop the duplicate, or resume after the "
                              "first launch ends")
-        _write_holder(fd, f" world_size={self.world_size}")
+        _write_holder(fd, f" world_size={self.world_size} scope={self.scope}")
         self._fd = fd
         other = {int(f.get("world_size", 0)) for r, f in held_rank_locks(self.state_dir).items()
                  if r != self.rank} - {self.world_size}
@@ -181,7 +181,7 @@ class RankLock:
     def mark_share_done(self) -> None:
         """Say in the lock file that this rank only waits now, so waiting ranks never wait for each other."""
         if self._fd is not None:
-            _write_holder(self._fd, f" world_size={self.world_size} share=done")
+            _write_holder(self._fd, f" world_size={self.world_size} scope={self.scope} share=done")
 
     def release(self) -> None:
         """Drop the lock."""

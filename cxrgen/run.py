@@ -45,6 +45,7 @@ class RunResult:
     resumed: bool
     metadata: Path | None  # metadata.parquet once every planned image exists
     remaining: int = 0  # planned images not yet done when this call returned (other ranks' work, say)
+    share_complete: bool = True  # every image of this process's scope (its shard, else the plan) is done
 
     @property
     def complete(self) -> bool:
@@ -118,7 +119,7 @@ def generate(config: RunConfig, *, bundle_source: BundleSource = monai_source, l
         rank_lock = None
         if rank is not None:  # claimed before loading, so a duplicate rank is refused at once and others see it
             with InitLock(state):
-                rank_lock = RankLock(state, rank.rank, rank.world_size).acquire()
+                rank_lock = RankLock(state, rank.rank, rank.world_size, rank.scope).acquire()
             held.callback(rank_lock.release)
         # 2. models: loaded here once to check them (and to sample, when this process is the only worker)
         bundle_root = resolve_model(config.model, config.cache_dir or str(Path.home() / ".cache" / "cxrgen"),
@@ -139,11 +140,13 @@ def generate(config: RunConfig, *, bundle_source: BundleSource = monai_source, l
                 write_json(out / "run.json", _run_json(config, manifest, settings, bundle, devices))
             else:
                 _refuse_changed(out, recorded, settings)
-        done = done_items(out, plan)
-        todo = [i for i in plan if i.image_id not in done]
-        todo = rank_share(todo, rank) if rank else todo
+        # a rank checks only its own share: 64 ranks must not each read the whole dataset
+        mine = rank_share(plan, rank) if rank else plan
+        done = done_items(out, mine, verify=config.verify)
+        todo = [i for i in mine if i.image_id not in done]
         if (done or (saved is not None and rank is None)) and not config.quiet:
-            log(f"{_prefix(rank)}resuming the run in {out}: {len(done)} of {len(plan)} image(s) already done")
+            log(f"{_prefix(rank)}resuming the run in {out}: {len(done)} of {len(mine)} image(s)"
+                f"{' of this share' if rank else ''} already done")
         batches = list(batches_of(todo, config.batch_size or default_batch_size(first_device)))
         # 4. sample: in this process, or in one worker process per device pulling batches from a queue
         progress = _Progress(len(plan) if rank is None else len(todo), len(plan) - len(todo) if rank is None else 0,
@@ -166,12 +169,14 @@ def generate(config: RunConfig, *, bundle_source: BundleSource = monai_source, l
             rank_lock.mark_share_done()
             metadata = wait_for_other_ranks(out, plan, manifest, rank, started + config.rank_wait,
                                             None if config.quiet else log)
-    remaining = 0 if metadata is not None else len({i.image_id for i in plan} - read_records(out).keys())
+    missing = set() if metadata is not None else {i.image_id for i in plan} - read_records(out).keys()
+    share_missing = sum(1 for i in plan if i.image_id in missing and (rank is None or rank.in_scope(i.index)))
     written = sum(r.images for r in results)
     seconds = max((r.seconds for r in results), default=0.0)
     if not config.quiet:
-        _summary(rank, results, written, seconds, out, plan, metadata, remaining, log)
-    return RunResult(out, len(plan), len(done), written, seconds, saved is not None, metadata, remaining)
+        _summary(rank, results, written, seconds, out, plan, metadata, len(missing), share_missing, log)
+    return RunResult(out, len(plan), len(done), written, seconds, saved is not None, metadata, len(missing),
+                     share_missing == 0)
 
 
 _RANK_POLL_S = 2.0
@@ -179,26 +184,33 @@ _RANK_POLL_S = 2.0
 
 def wait_for_other_ranks(out: Path, plan: list, manifest: Manifest, rank: Rank, not_before: float,
                          log: Log | None) -> Path | None:
-    """Wait until the run is complete (merging it if this rank is last), or no other rank is running.
+    """Wait until the run is complete (merging it if this rank is last), or until this rank's launch is done.
 
-    Ranks still starting hold no lock yet, so "none running" is trusted only after `not_before`
-    (monotonic seconds). Returns metadata.parquet's path, or None when work is left and nobody is making it.
+    A launch is the ranks of one torchrun/srun start, or of one array-job shard (shards do not wait for
+    each other: an array may run them one after another). Ranks still starting hold no lock yet, so
+    "none running" is trusted only after `not_before` (monotonic seconds). Returns metadata.parquet's
+    path, or None when the rest of the run is left to other shards or to a resume.
     """
     state = out / STATE_DIR
-    told = False
+    scope_ids = {item.image_id for item in plan if rank.in_scope(item.index)}
+    told, poll = False, _RANK_POLL_S
     while True:
+        checked = time.monotonic()
         metadata = finalize_once(out, plan, manifest)
         if metadata is not None:
             return metadata
+        if rank.shard is not None and scope_ids <= read_records(out).keys():
+            return None  # this shard is complete; the other shards finish the run
         with InitLock(state):
             running = {r for r, fields in held_rank_locks(state).items()
-                       if r != rank.rank and fields.get("share") != "done"}
+                       if r != rank.rank and fields.get("share") != "done" and fields.get("scope") == rank.scope}
         if not running and time.monotonic() >= not_before:
             return None
         if log is not None and not told:
             log(f"{_prefix(rank)}this rank's share is done; waiting for the other ranks to finish theirs")
             told = True
-        time.sleep(_RANK_POLL_S)
+        # a check reads every record and stats every file: on a huge run, poll less often than it takes
+        time.sleep(max(poll, 2 * (time.monotonic() - checked)))
 
 
 def _sample_here(engine: Engine, config: RunConfig, batches: list, name: str, engine_hook, progress) -> WorkerResult:
@@ -215,8 +227,9 @@ def _devices(config: RunConfig, rank: Rank | None) -> list[str]:
     """The device of each local worker: one per visible GPU, --device list, or --workers CPU processes."""
     if rank is not None:
         if config.workers > 1:
-            raise InputError(f"--workers {config.workers} cannot be combined with torchrun/Slurm ranks: each rank is "
-                             "one process on one device; start more ranks instead (e.g. torchrun --nproc-per-node)")
+            raise InputError(f"--workers {config.workers} cannot be combined with torchrun/Slurm ranks or array-job "
+                             "shards: each is one process on one device; start more ranks instead (e.g. torchrun "
+                             "--nproc-per-node, or srun inside the array task)")
         if config.device == "auto" and torch.cuda.is_available():
             return [f"cuda:{rank.local_rank % torch.cuda.device_count()}"]
         # a list names the device of each local rank, in LOCAL_RANK order
@@ -262,7 +275,13 @@ def _worker_name(rank: Rank | None, index: int) -> str:
 
 
 def _prefix(rank: Rank | None) -> str:
-    return f"[rank {rank.rank}/{rank.world_size}] " if rank else "cxrgen: "
+    if rank is None:
+        return "cxrgen: "
+    if rank.shard is None:
+        return f"[rank {rank.rank}/{rank.world_size}] "
+    within = f", rank {rank.rank // rank.shard[1]}/{rank.world_size // rank.shard[1]}" \
+        if rank.world_size > rank.shard[1] else ""
+    return f"[shard {rank.shard[0]}/{rank.shard[1]}{within}] "
 
 
 class _Progress:
@@ -287,14 +306,19 @@ class _Progress:
 
 
 def _summary(rank, results: list, written: int, seconds: float, out: Path, plan: list, metadata, remaining: int,
-             log: Log) -> None:
+             share_remaining: int, log: Log) -> None:
     for r in results if len(results) > 1 or rank else []:
         rate = r.images / r.seconds if r.seconds > 0 else 0.0
         log(f"{_prefix(rank)}worker {r.name}: {r.images} image(s) in {r.seconds:.1f} s ({rate:.2f} images/s)")
     rate = written / seconds if seconds > 0 else 0.0
     log(f"{_prefix(rank)}wrote {written} image(s) in {seconds:.1f} s ({rate:.2f} images/s); {len(plan)} planned. "
         f"Images: {out / 'images'}" + (f"  Metadata: {metadata}" if metadata else ""))
-    if metadata is None:
+    if metadata is not None:
+        return
+    if rank is not None and rank.shard is not None and share_remaining == 0:
+        log(f"{_prefix(rank)}shard {rank.shard[0]} of {rank.shard[1]} is complete; {remaining} of {len(plan)} "
+            "image(s) remain for the other shards (the last one to finish writes metadata.parquet)")
+    else:
         log(f"{_prefix(rank)}this rank's share is done, but {remaining} of {len(plan)} image(s) remain and no other "
             f"rank is making them (they stopped or never started): finish with `{resume_command(out)}`")
 

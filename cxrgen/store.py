@@ -9,6 +9,7 @@ import os
 import secrets
 import shlex
 import socket
+import zlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -43,6 +44,11 @@ def file_digest(path: Path, algorithm: str) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_check(data: bytes) -> dict:
+    """The journal's integrity fields of an image file: its byte size and CRC-32."""
+    return {"file_bytes": len(data), "file_crc32": zlib.crc32(data)}
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -19,15 +19,100 @@ _POLL_S = 0.2
 
 @dataclass(frozen=True)
 class Rank:
-    """This process's place in a launcher-started run (torchrun or Slurm)."""
+    """This process's part of the plan: a torchrun/Slurm rank, an array-job shard, or a rank within a shard.
+
+    It makes the images whose plan index modulo world_size is rank.
+    """
 
     rank: int
     world_size: int
     local_rank: int
+    shard: tuple[int, int] | None = None  # (index, count) when this process belongs to a shard of an array job
+    label: str = ""  # worker and journal name; rank<r> by default
 
     @property
     def name(self) -> str:
-        return f"rank{self.rank}"
+        """The worker name in the journal and metadata (unique among the processes writing one folder)."""
+        return self.label or f"rank{self.rank}"
+
+    @property
+    def scope(self) -> str:
+        """What the launch this process belongs to is responsible for: one shard, or the whole plan."""
+        return f"{self.shard[0]}/{self.shard[1]}" if self.shard else "all"
+
+    def in_scope(self, index: int) -> bool:
+        """Whether the image at this plan index belongs to this process's launch (its shard)."""
+        return self.shard is None or index % self.shard[1] == self.shard[0]
+
+
+def share_of(shard: tuple[int, int] | None, rank: Rank | None) -> Rank | None:
+    """Compose an array-job shard I/N with the ranks of a launch inside it (W ranks): I + N*r of N*W.
+
+    index % (N*W) == I + N*r  <=>  index % N == I and (index // N) % W == r, so the shards split the plan
+    exactly as N ranks would, and the ranks of one shard split that shard.
+    """
+    if shard is None:
+        return rank
+    index, count = shard
+    if rank is None:
+        return Rank(index, count, 0, shard=shard, label=f"shard{index}")
+    return Rank(index + count * rank.rank, count * rank.world_size, rank.local_rank, shard=shard,
+                label=f"shard{index}-rank{rank.rank}")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """--shard I/N -> (I, N), 0 <= I < N."""
+    parts = text.split("/")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise InputError(f"--shard {text!r}: write I/N, e.g. --shard 3/64 for the 4th of 64 shards (I from 0)")
+    index, count = (int(p) for p in parts)
+    if not 0 <= index < count:
+        raise InputError(f"--shard {text!r}: I must be from 0 to N-1 ({count - 1 if count else 0}); "
+                         "shards are numbered from 0")
+    return index, count
+
+
+def shard_from_env(environ: dict, shards: int | None = None) -> tuple[int, int] | None:
+    """An array task's shard from Slurm, Kubernetes Indexed Jobs or AWS Batch; None outside an array job.
+
+    Slurm: SLURM_ARRAY_TASK_ID with SLURM_ARRAY_TASK_COUNT (or _MIN/_MAX/_STEP). Kubernetes:
+    JOB_COMPLETION_INDEX with the count from --shards or CXRGEN_SHARDS (a Job does not export it).
+    AWS Batch: AWS_BATCH_JOB_ARRAY_INDEX with AWS_BATCH_JOB_ARRAY_SIZE. Called by the CLI only.
+    """
+    def number(name: str) -> int:
+        try:
+            return int(environ[name])
+        except ValueError:
+            raise InputError(f"{name}={environ[name]!r} is not a whole number; check the job's environment") from None
+
+    found = None
+    if "SLURM_ARRAY_TASK_ID" in environ:
+        task = number("SLURM_ARRAY_TASK_ID")
+        low = number("SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in environ else 0
+        step = number("SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in environ else 1
+        if "SLURM_ARRAY_TASK_COUNT" in environ:
+            count = number("SLURM_ARRAY_TASK_COUNT")
+        elif "SLURM_ARRAY_TASK_MAX" in environ:
+            count = (number("SLURM_ARRAY_TASK_MAX") - low) // step + 1
+        else:
+            raise InputError("SLURM_ARRAY_TASK_ID is set without SLURM_ARRAY_TASK_COUNT or _MAX; pass --shard I/N")
+        found = ((task - low) // step, count, "SLURM_ARRAY_TASK_ID")
+    elif "JOB_COMPLETION_INDEX" in environ:
+        count = shards if shards is not None else (number("CXRGEN_SHARDS") if "CXRGEN_SHARDS" in environ else None)
+        if count is None:
+            raise InputError("JOB_COMPLETION_INDEX is set (a Kubernetes Indexed Job) but the number of shards is "
+                             "not: pass --shards N (the Job's completions) or set CXRGEN_SHARDS=N")
+        found = (number("JOB_COMPLETION_INDEX"), count, "JOB_COMPLETION_INDEX")
+    elif "AWS_BATCH_JOB_ARRAY_INDEX" in environ:
+        if "AWS_BATCH_JOB_ARRAY_SIZE" not in environ:
+            raise InputError("AWS_BATCH_JOB_ARRAY_INDEX is set without AWS_BATCH_JOB_ARRAY_SIZE; pass --shard I/N")
+        found = (number("AWS_BATCH_JOB_ARRAY_INDEX"), number("AWS_BATCH_JOB_ARRAY_SIZE"), "AWS_BATCH_JOB_ARRAY_INDEX")
+    if found is None:
+        return None
+    index, count, source = found
+    if not 0 <= index < count:
+        raise InputError(f"{source} gives shard {index} of {count}, outside 0..{count - 1}; check the array size")
+    return (index, count) if count > 1 else None
 
 
 # Slurm's step id inside the batch script or the "extern" step; only srun-started steps are launches.

@@ -156,7 +156,7 @@ def test_slow_worker_error_and_parent_messages_are_one_line(bundle_dir, text_enc
                        quiet=True)
     from cxrgen.errors import RunError
     with pytest.raises(RunError, match="worker w1 failed: RuntimeError: simulated worker bug") as caught:
-        generate(config, engine_hook=functools.partial(tiny.fail_in_w1, after=0))
+        generate(config, engine_hook=tiny.fail_at_start_in_w1)
     assert "\n" not in str(caught.value) and "cxrgen resume" in str(caught.value)
 
 

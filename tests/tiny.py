@@ -148,6 +148,13 @@ def fail_in_w1(engine, name: str, after: int = 1, marker: str = ""):
     return engine
 
 
+def fail_at_start_in_w1(engine, name: str):
+    """engine_hook for tests: worker w1 raises a plain RuntimeError as it starts (whatever the timing)."""
+    if name == "w1":
+        raise RuntimeError("simulated worker bug")
+    return engine
+
+
 def record_threads(engine, name: str, folder: str = ""):
     """engine_hook for tests: each worker writes its torch intra-op thread count to folder/<name>."""
     import torch
