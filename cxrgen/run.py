@@ -169,7 +169,8 @@ def generate(config: RunConfig, *, bundle_source: BundleSource = monai_source, l
             rank_lock.mark_share_done()
             metadata = wait_for_other_ranks(out, plan, manifest, rank, started + config.rank_wait,
                                             None if config.quiet else log)
-    missing = set() if metadata is not None else {i.image_id for i in plan} - read_records(out).keys()
+    recorded = read_records(out, ("file_name",)) if metadata is None else {}
+    missing = set() if metadata is not None else {i.image_id for i in plan} - recorded.keys()
     share_missing = sum(1 for i in plan if i.image_id in missing and (rank is None or rank.in_scope(i.index)))
     written = sum(r.images for r in results)
     seconds = max((r.seconds for r in results), default=0.0)
@@ -199,7 +200,7 @@ def wait_for_other_ranks(out: Path, plan: list, manifest: Manifest, rank: Rank, 
         metadata = finalize_once(out, plan, manifest)
         if metadata is not None:
             return metadata
-        if rank.shard is not None and scope_ids <= read_records(out).keys():
+        if rank.shard is not None and scope_ids <= read_records(out, ("file_name",)).keys():
             return None  # this shard is complete; the other shards finish the run
         with InitLock(state):
             running = {r for r, fields in held_rank_locks(state).items()

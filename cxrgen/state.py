@@ -73,14 +73,27 @@ def file_ok(path: Path, record: dict, verify: bool = False) -> bool:
 
 
 def _check_files(out: Path, pairs: list[tuple[str, dict]], verify: bool) -> list[bool]:
-    # Stats on a shared file system and decoding (which releases the GIL) both gain from threads.
+    # Stats on a shared file system and decoding (which releases the GIL) both gain from threads; chunks
+    # keep the pool's per-task overhead (larger than a local stat) out of a million-image check.
+    root = str(out)
+    chunks = [pairs[i:i + _CHUNK] for i in range(0, len(pairs), _CHUNK)]
+
+    def check(chunk):
+        return [file_ok(Path(os.path.join(root, name)), record, verify) for name, record in chunk]
+
     with ThreadPoolExecutor(max_workers=min(16, 2 * (os.cpu_count() or 1) + 1)) as pool:
-        return list(pool.map(lambda pair: file_ok(out / pair[0], pair[1], verify), pairs))
+        return [ok for result in pool.map(check, chunks) for ok in result]
+
+
+_CHUNK = 512
+
+
+CHECK_FIELDS = ("file_name", "file_bytes", "file_crc32")  # what checking a file needs from its record
 
 
 def done_items(out: Path, plan: list[WorkItem], verify: bool = False, records: dict | None = None) -> set[str]:
     """image_ids of `plan` (a rank passes only its share) that are recorded AND whose file is in place."""
-    records = read_records(out) if records is None else records
+    records = read_records(out, CHECK_FIELDS) if records is None else records
     recorded = [item for item in plan if item.image_id in records]
     ok = _check_files(out, [(item.file_name, records[item.image_id]) for item in recorded], verify)
     return {item.image_id for item, good in zip(recorded, ok) if good}
@@ -118,8 +131,9 @@ def finalize_once(out: Path, plan: list[WorkItem], manifest: Manifest) -> Path |
     """finalize() under the merge lock; ranks finishing together write metadata.parquet exactly once."""
     with MergeLock(out / STATE_DIR):
         if _metadata_rows(out) == len(plan):
-            # Already merged; a resume that only redid lost files must still leave no temporary file.
-            if _all_in_place(out, plan, read_records(out)):
+            # Already merged; a resume that only redid lost files must still leave no temporary file
+            # (checked only when there is one: reading every record again is the costly part at scale).
+            if temp_files(out) and _all_in_place(out, plan, read_records(out, CHECK_FIELDS)):
                 _remove_temp_files(out)
             return out / "metadata.parquet"
         path = finalize(out, plan, manifest)
@@ -161,7 +175,7 @@ def inspect_run(out: str | Path, verify: bool = False) -> RunStatus:
     saved = read_run_json(out)
     if saved is None:
         raise InputError(f"{out} is not a cxrgen run (no run.json)")
-    records = read_records(out)
+    records = read_records(out, CHECK_FIELDS)
     by_file = {r.get("file_name"): r for r in records.values() if r.get("file_name")}
     recorded_files = set(by_file)
     pairs = sorted(by_file.items())

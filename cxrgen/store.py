@@ -184,21 +184,57 @@ def _last_byte(path: Path) -> bytes:
         return handle.read(1)
 
 
-def read_records(out: Path) -> dict[str, dict]:
-    """Every recorded image by image_id (first record wins); a torn last line from a kill is skipped."""
+def read_records(out: Path, fields: tuple[str, ...] | None = None) -> dict[str, dict]:
+    """Every recorded image by image_id (first record wins); a torn last line from a kill is skipped.
+
+    fields: keep only these keys (image_id is always read). Then the journal is parsed by Arrow's
+    multi-threaded JSON reader: a million records in seconds instead of a minute.
+    """
     records: dict[str, dict] = {}
     folder = out / RECORDS_DIR
     for part in sorted(folder.glob("part-*.jsonl")) if folder.is_dir() else []:
-        with open(part, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if not line.endswith("\n"):
-                    continue  # torn write: the image is regenerated on resume
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                records.setdefault(record.get("image_id"), record)
+        found = _read_fields_fast(part, fields) if fields else None
+        for record in found if found is not None else _read_part(part):
+            records.setdefault(record.get("image_id"), record if found is not None or not fields else
+                               {k: record.get(k) for k in ("image_id", *fields)})
     return records
+
+
+def _read_part(part: Path):
+    with open(part, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if not line.endswith("\n"):
+                continue  # torn write: the image is regenerated on resume
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
+_FIELD_TYPES = {"image_id": pa.string(), "file_name": pa.string(), "file_bytes": pa.int64(),
+                "file_crc32": pa.int64()}
+
+
+def _read_fields_fast(part: Path, fields: tuple[str, ...]) -> list[dict] | None:
+    """The fields of every complete line, or None when a line is damaged (the slow reader skips it)."""
+    import pyarrow.json as pj
+
+    if any(f not in _FIELD_TYPES for f in fields):
+        return None
+    data = part.read_bytes()
+    data = data[:data.rfind(b"\n") + 1]  # a torn last line has no newline yet
+    if not data:
+        return []
+    names = ("image_id", *[f for f in fields if f != "image_id"])
+    schema = pa.schema([(name, _FIELD_TYPES[name]) for name in names])
+    try:
+        table = pj.read_json(io.BytesIO(data), read_options=pj.ReadOptions(block_size=1 << 24),
+                             parse_options=pj.ParseOptions(explicit_schema=schema,
+                                                           unexpected_field_behavior="ignore"))
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+    columns = [table.column(name).to_pylist() for name in names]
+    return [dict(zip(names, values)) for values in zip(*columns)]
 
 
 def write_metadata(out: Path, records: list[dict], labels: pa.Table, rows: list[int]) -> Path:

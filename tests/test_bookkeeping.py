@@ -266,3 +266,24 @@ def test_shards_finishing_together_merge_exactly_once(manifest, bundle_dir, text
     assert [p.returncode for p in procs] == [0, 0, 0], errors
     same_dataset(single, out)
     assert len((out / ".cxrgen" / "merges.log").read_text().splitlines()) == 1
+
+
+def test_the_fast_journal_reader_agrees_with_the_line_reader_on_damaged_journals(tmp_path):
+    folder = tmp_path / RECORDS_DIR
+    folder.mkdir(parents=True)
+    good = [{"image_id": f"i{k}", "file_name": f"images/00000/i{k}.png", "file_bytes": 100 + k, "file_crc32": k,
+             "prompt": "p"} for k in range(5)]
+    lines = [json.dumps(r) + "\n" for r in good]
+    (folder / "part-a.jsonl").write_text("".join(lines))
+    # a kill tore a line, the next writer ended it and went on; then a torn last line
+    (folder / "part-b.jsonl").write_text(lines[0][:30] + "\n" + json.dumps({**good[1], "file_bytes": 7}) + "\n"
+                                         + '{"image_id": "x9", "file_na')
+    # an old journal without sizes, and a duplicate of an image recorded earlier (first record wins)
+    (folder / "part-c.jsonl").write_text(json.dumps({"image_id": "old", "file_name": "images/00000/old.png"}) + "\n"
+                                         + json.dumps({**good[2], "file_bytes": 1}) + "\n")
+    fields = ("file_name", "file_bytes", "file_crc32")
+    fast = read_records(tmp_path, fields)
+    slow = {k: {f: r.get(f) for f in ("image_id", *fields)} for k, r in read_records(tmp_path).items()}
+    assert fast == slow
+    assert fast["i1"]["file_bytes"] == 101 and fast["i2"]["file_bytes"] == 102 and "x9" not in fast
+    assert fast["old"]["file_bytes"] is None
