@@ -10,13 +10,14 @@ from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 from PIL import Image
 
 from cxrgen.errors import InputError
 from cxrgen.manifest import Manifest
 from cxrgen.plan import WorkItem
 from cxrgen.lock import MergeLock
-from cxrgen.store import STATE_DIR, TMP_MARK, read_records, write_metadata
+from cxrgen.store import STATE_DIR, TMP_MARK, read_record_table, read_records, write_metadata
 
 
 def read_run_json(out: Path) -> dict | None:
@@ -119,12 +120,14 @@ def _remove_temp_files(out: Path) -> None:
 
 def finalize(out: Path, plan: list[WorkItem], manifest: Manifest) -> Path | None:
     """Write metadata.parquet once every planned image is done; returns its path, or None."""
-    records = read_records(out)
-    if not _all_in_place(out, plan, records):
+    if not _all_in_place(out, plan, read_records(out, CHECK_FIELDS)):
         return None
     _remove_temp_files(out)
-    ordered = [dict(records[item.image_id], file_name=item.file_name) for item in plan]
-    return write_metadata(out, ordered, manifest.labels, [item.row for item in plan])
+    table = read_record_table(out, [item.image_id for item in plan])
+    # the plan's file names: the same as recorded, stated once by the plan
+    table = table.set_column(table.schema.get_field_index("file_name"), "file_name",
+                             pa.array([item.file_name for item in plan], pa.string()))
+    return write_metadata(out, table, manifest.labels, [item.row for item in plan])
 
 
 def finalize_once(out: Path, plan: list[WorkItem], manifest: Manifest) -> Path | None:

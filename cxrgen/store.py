@@ -237,9 +237,38 @@ def _read_fields_fast(part: Path, fields: tuple[str, ...]) -> list[dict] | None:
     return [dict(zip(names, values)) for values in zip(*columns)]
 
 
-def write_metadata(out: Path, records: list[dict], labels: pa.Table, rows: list[int]) -> Path:
+def read_record_table(out: Path, image_ids: list[str]) -> pa.Table:
+    """The metadata columns of the records of `image_ids`, in that order (first record of an image wins).
+
+    Arrow reads the journals (a million records in seconds and a fraction of the memory of Python
+    dicts); a journal with a damaged line is read line by line instead. Every id must be recorded.
+    """
+    import pyarrow.json as pj
+
+    tables = []
+    folder = out / RECORDS_DIR
+    for part in sorted(folder.glob("part-*.jsonl")) if folder.is_dir() else []:
+        data = part.read_bytes()
+        data = data[:data.rfind(b"\n") + 1]  # a torn last line has no newline yet
+        if not data:
+            continue
+        try:
+            tables.append(pj.read_json(io.BytesIO(data), read_options=pj.ReadOptions(block_size=1 << 24),
+                                       parse_options=pj.ParseOptions(explicit_schema=METADATA_SCHEMA,
+                                                                     unexpected_field_behavior="ignore")))
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            tables.append(pa.Table.from_pylist(list(_read_part(part)), schema=METADATA_SCHEMA))
+    table = pa.concat_tables([t.select(METADATA_SCHEMA.names).cast(METADATA_SCHEMA) for t in tables]) \
+        if tables else METADATA_SCHEMA.empty_table()
+    first: dict[str, int] = {}
+    for position, image_id in enumerate(table.column("image_id").to_pylist()):
+        first.setdefault(image_id, position)
+    return table.take(pa.array([first[i] for i in image_ids], type=pa.int64()))
+
+
+def write_metadata(out: Path, records: list[dict] | pa.Table, labels: pa.Table, rows: list[int]) -> Path:
     """metadata.parquet: one row per image in plan order, the manifest's label columns appended."""
-    table = pa.Table.from_pylist(records, schema=METADATA_SCHEMA)
+    table = records if isinstance(records, pa.Table) else pa.Table.from_pylist(records, schema=METADATA_SCHEMA)
     picked = labels.take(pa.array([r - 1 for r in rows], type=pa.int64())) if labels.num_columns else None
     for index, column_name in enumerate(label_column_names(labels.column_names) if picked is not None else []):
         table = table.append_column(column_name, picked.column(index))
