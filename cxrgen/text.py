@@ -18,6 +18,7 @@ from cxrgen.errors import InputError
 from cxrgen.store import file_digest
 
 MAX_TOKENS = 77
+MIN_VOCAB = 1000  # a real CLIP vocabulary has 49,408 tokens; fewer means the tokenizer files were not found
 # Distinct prompt_embeds kept on the CPU, least recently used dropped first: about 315 kB each at width
 # 1024, so ~80 MB per worker. Plan order keeps a row's images together, so a prompt rarely returns later.
 CACHE_LIMIT = 256
@@ -180,6 +181,11 @@ def load_text_encoder(text_encoder: str, device: torch.device | str = "cpu") -> 
         raise
     except Exception as exc:  # noqa: BLE001 - hub, network and file errors all get one actionable line
         raise fail(_first_line(exc)) from None
+    if len(tokenizer) < MIN_VOCAB:
+        # transformers builds an empty tokenizer, silently, from a folder without tokenizer files; every
+        # prompt would then become unknown tokens and every image would ignore its prompt
+        raise fail(f"its tokenizer has {len(tokenizer)} tokens (the SD 2.x CLIP tokenizer has 49,408): the "
+                   "tokenizer files (vocab.json, merges.txt) are missing")
     return TextEncoder(tokenizer, model.to(device), text_encoder, weights=(where[0], where[2] or "", kind))
 
 

@@ -333,3 +333,16 @@ def test_atomic_write_fsyncs_the_file_before_the_rename_then_the_folder(tmp_path
     assert path.read_bytes() == b"pixels"
     assert fsyncs == [("fsync", "file", path.stat().st_ino), ("replace", str(path)),
                       ("fsync", "dir", path.parent.stat().st_ino)]
+
+
+def test_a_text_encoder_folder_without_tokenizer_files_is_refused(text_encoder_dir, tmp_path):
+    """transformers silently builds an empty tokenizer there: every prompt would be unknown tokens."""
+    import shutil
+
+    from cxrgen.errors import InputError
+    from cxrgen.text import load_text_encoder
+
+    shutil.copytree(text_encoder_dir / "text_encoder", tmp_path / "clip" / "text_encoder")
+    (tmp_path / "clip" / "tokenizer").mkdir()
+    with pytest.raises(InputError, match="tokenizer files .* are missing"):
+        load_text_encoder(str(tmp_path / "clip"))
