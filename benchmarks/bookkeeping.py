@@ -206,18 +206,19 @@ def part_model(args) -> dict:
     """Seconds to load the full-size networks' checkpoints: meta-device build vs random init first."""
     import fake_model
     from cxrgen.bundle import load_bundle, read_spec
-    from cxrgen.checkpoint import load_into, read_state_dict
+    from cxrgen.checkpoint import load_into, md5sum, read_state_dict
 
     root = Path(args.root)
     bundle = fake_model.build_bundle(root / "bundle", tiny=False)
     spec = read_spec(bundle)
     from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
-    def initialised_first():  # the previous way: build (random init), then load
+    def initialised_first():  # the previous way: build (random init), then load; the same md5 check
         for cls, kw, stem in ((AutoencoderKL, spec.autoencoder_args, "autoencoder"),
                               (DiffusionModelUNet, spec.unet_args, "diffusion_model")):
             model = cls(**kw)
             load_into(model, read_state_dict(spec.checkpoints[stem]), spec.checkpoints[stem])
+        return {path.name: md5sum(path) for path in spec.checkpoints.values()}
 
     times = {"cxrgen": [], "init_first": []}
     for _ in range(args.repeats):
