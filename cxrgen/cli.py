@@ -249,7 +249,8 @@ def evaluate(
                                                       "pathology; extends or overrides the built-in map.")] = None,
     min_score: Annotated[float, typer.Option("--min-score", help="Calibrated score a positive label must reach "
                                              "(0.5 = the classifier's operating point).")] = 0.5,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per classifier call.")] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per classifier call; 0 = 8 on CPU, "
+                                            "64 on CUDA.")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     evaluator_weights: Annotated[Optional[Path], typer.Option(
         "--evaluator-weights", help="torchxrayvision densenet121-res224-all release file (default: downloaded once "
@@ -258,7 +259,10 @@ def evaluate(
         "--evaluator-unsafe-pickle", help="Load a weight file that needs classes outside the allow-list with plain "
         "torch.load, as torchxrayvision does: this RUNS CODE FROM THE FILE; only for files you trust.")] = False,
     max_pairs: Annotated[int, typer.Option("--max-pairs", help="MS-SSIM pairs per set at most (0: skip).")] = 2000,
-    cache_dir: CacheDir = None, quiet: Quiet = False,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Evaluator weights (torchxrayvision/) and "
+                                                      "real-set features (eval-cache/) (default: $CXRGEN_HOME or "
+                                                      "~/.cache/cxrgen).")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Measure fidelity (FID/KID with --real), diversity (MS-SSIM) and label adherence of OUT, flag bad images.
 
@@ -373,7 +377,8 @@ def manifest_from_labels(
         result = build_from_labels(
             labels, out, findings=[f for f in findings.split(",") if f.strip()] if findings else None, target=target,
             ratio=ratio, total=total, max_per_finding=max_per_finding, normals=normals, max_findings=max_findings,
-            co_occurrence=co_occurrence, uncertain=uncertain, counts=counts, templates=templates, tokenizer=tokenizer, seed=seed)
+            co_occurrence=co_occurrence, uncertain=uncertain, counts=counts, templates=templates, tokenizer=tokenizer,
+            seed=seed)
     except CxrgenError as exc:
         _fail(exc)
     what = "table of counts" if counts else "label table"
