@@ -10,9 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxrgen.config import RunConfig
-from cxrgen.errors import InputError
-from cxrgen.manifest import read_manifest
-from cxrgen.plan import make_plan
+from cxrgen.plan import load_plan
 from cxrgen.tokens import MAX_TOKENS, load_counter
 
 # docs/performance.md, "CPU figures": a 2-core AMD EPYC, float32, 4 steps, batch 4, real architecture.
@@ -90,13 +88,7 @@ def _short(text: str, width: int = 100) -> str:
 
 def plan_run(config: RunConfig) -> PlanReport:
     """Read and plan the manifest exactly as generate would, count tokens, and estimate the run time."""
-    manifest = read_manifest(config.manifest, config.manifest_format, config.prompt_column, config.allow_empty_prompt)
-    plan = make_plan(manifest.rows, seed=config.seed, num_images=config.num_images,
-                     guidance_scale=config.guidance_scale, negative_prompt=config.negative_prompt,
-                     image_format=config.image_format)
-    if not plan:
-        what = "has no data rows" if not manifest.rows else "plans no images (num_images is 0 on every row)"
-        raise InputError(f"manifest {manifest.path} {what}; add rows or set --num-images to 1 or more")
+    manifest, plan = load_plan(config)
     counter = load_counter(config.text_encoder, option="--text-encoder")
     images = Counter(item.row for item in plan)
     prompts = [row.prompt for row in manifest.rows]

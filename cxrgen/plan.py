@@ -5,8 +5,13 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 from cxrgen.errors import InputError
-from cxrgen.manifest import Row
+from cxrgen.manifest import Manifest, Row, read_manifest
+
+if TYPE_CHECKING:
+    from cxrgen.config import RunConfig
 
 FILES_PER_FOLDER = 1000  # keeps every images/ subfolder far below 10,000 entries
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -86,3 +91,16 @@ def _check_unique(items: list[WorkItem]) -> None:
             raise InputError(f"rows {seen[key]} and {item.row}, column id: both give image id {item.image_id!r}; "
                              "make the ids differ by more than letter case or punctuation")
         seen[key] = item.row
+
+
+def load_plan(config: "RunConfig") -> tuple[Manifest, list[WorkItem]]:
+    """Manifest and plan of a config (pure: reads the manifest, writes nothing, needs no torch)."""
+    manifest = read_manifest(config.manifest, config.manifest_format, config.prompt_column,
+                             config.allow_empty_prompt)
+    plan = make_plan(manifest.rows, seed=config.seed, num_images=config.num_images,
+                     guidance_scale=config.guidance_scale, negative_prompt=config.negative_prompt,
+                     image_format=config.image_format)
+    if not plan:
+        what = "has no data rows" if not manifest.rows else "plans no images (num_images is 0 on every row)"
+        raise InputError(f"manifest {manifest.path} {what}; add rows or set --num-images to 1 or more")
+    return manifest, plan

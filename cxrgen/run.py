@@ -22,8 +22,8 @@ from cxrgen.engine import Engine, EngineOptions, check_widths, default_batch_siz
 from cxrgen.errors import CxrgenError, InputError
 from cxrgen.lock import FolderLock, InitLock, RankLock, held_rank_locks, unlocked_warning
 from cxrgen.loop import BatchLoop, SignalGuard, batches_of
-from cxrgen.manifest import Manifest, read_manifest
-from cxrgen.plan import WorkItem, make_plan
+from cxrgen.manifest import Manifest
+from cxrgen.plan import load_plan
 from cxrgen.state import done_items, finalize_once, read_run_json
 from cxrgen.store import STATE_DIR, TMP_MARK, Journal, read_records, resume_command, write_json
 from cxrgen.text import load_text_encoder
@@ -55,19 +55,6 @@ class RunResult:
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def load_plan(config: RunConfig) -> tuple[Manifest, list[WorkItem]]:
-    """Manifest and plan of a config (pure: reads the manifest, writes nothing)."""
-    manifest = read_manifest(config.manifest, config.manifest_format, config.prompt_column,
-                             config.allow_empty_prompt)
-    plan = make_plan(manifest.rows, seed=config.seed, num_images=config.num_images,
-                     guidance_scale=config.guidance_scale, negative_prompt=config.negative_prompt,
-                     image_format=config.image_format)
-    if not plan:
-        what = "has no data rows" if not manifest.rows else "plans no images (num_images is 0 on every row)"
-        raise InputError(f"manifest {manifest.path} {what}; add rows or set --num-images to 1 or more")
-    return manifest, plan
 
 
 def _pixel_settings(config: RunConfig, manifest: Manifest, plan: list, dtype: str, md5: dict,
