@@ -190,14 +190,25 @@ def read_records(out: Path, fields: tuple[str, ...] | None = None) -> dict[str, 
     fields: keep only these keys (image_id is always read). Then the journal is parsed by Arrow's
     multi-threaded JSON reader: a million records in seconds instead of a minute.
     """
+    keep = tuple(dict.fromkeys(("image_id", *fields))) if fields else None
+    fast = keep is not None and all(name in _FIELD_TYPES for name in keep)
+    schema = pa.schema([(name, _FIELD_TYPES[name]) for name in keep]) if fast else None
     records: dict[str, dict] = {}
-    folder = out / RECORDS_DIR
-    for part in sorted(folder.glob("part-*.jsonl")) if folder.is_dir() else []:
-        found = _read_fields_fast(part, fields) if fields else None
-        for record in found if found is not None else _read_part(part):
-            records.setdefault(record.get("image_id"), record if found is not None or not fields else
-                               {k: record.get(k) for k in ("image_id", *fields)})
+    for part in _journal_parts(out):
+        table = _arrow_part(part, schema) if fast else None
+        if table is not None:
+            columns = [table.column(name).to_pylist() for name in keep]
+            rows = (dict(zip(keep, values)) for values in zip(*columns))
+        else:
+            rows = (r if keep is None else {k: r.get(k) for k in keep} for r in _read_part(part))
+        for record in rows:
+            records.setdefault(record.get("image_id"), record)
     return records
+
+
+def _journal_parts(out: Path) -> list[Path]:
+    folder = out / RECORDS_DIR
+    return sorted(folder.glob("part-*.jsonl")) if folder.is_dir() else []
 
 
 def _read_part(part: Path):
@@ -215,26 +226,19 @@ _FIELD_TYPES = {"image_id": pa.string(), "file_name": pa.string(), "file_bytes":
                 "file_crc32": pa.int64()}
 
 
-def _read_fields_fast(part: Path, fields: tuple[str, ...]) -> list[dict] | None:
-    """The fields of every complete line, or None when a line is damaged (the slow reader skips it)."""
+def _arrow_part(part: Path, schema: pa.Schema) -> pa.Table | None:
+    """The schema's columns of every complete line, or None when a line is damaged (read line by line then)."""
     import pyarrow.json as pj
 
-    if any(f not in _FIELD_TYPES for f in fields):
-        return None
     data = part.read_bytes()
     data = data[:data.rfind(b"\n") + 1]  # a torn last line has no newline yet
     if not data:
-        return []
-    names = ("image_id", *[f for f in fields if f != "image_id"])
-    schema = pa.schema([(name, _FIELD_TYPES[name]) for name in names])
+        return schema.empty_table()
     try:
-        table = pj.read_json(io.BytesIO(data), read_options=pj.ReadOptions(block_size=1 << 24),
-                             parse_options=pj.ParseOptions(explicit_schema=schema,
-                                                           unexpected_field_behavior="ignore"))
+        return pj.read_json(io.BytesIO(data), read_options=pj.ReadOptions(block_size=1 << 24),
+                            parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"))
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         return None
-    columns = [table.column(name).to_pylist() for name in names]
-    return [dict(zip(names, values)) for values in zip(*columns)]
 
 
 def read_record_table(out: Path, image_ids: list[str]) -> pa.Table:
@@ -243,21 +247,11 @@ def read_record_table(out: Path, image_ids: list[str]) -> pa.Table:
     Arrow reads the journals (a million records in seconds and a fraction of the memory of Python
     dicts); a journal with a damaged line is read line by line instead. Every id must be recorded.
     """
-    import pyarrow.json as pj
-
     tables = []
-    folder = out / RECORDS_DIR
-    for part in sorted(folder.glob("part-*.jsonl")) if folder.is_dir() else []:
-        data = part.read_bytes()
-        data = data[:data.rfind(b"\n") + 1]  # a torn last line has no newline yet
-        if not data:
-            continue
-        try:
-            tables.append(pj.read_json(io.BytesIO(data), read_options=pj.ReadOptions(block_size=1 << 24),
-                                       parse_options=pj.ParseOptions(explicit_schema=METADATA_SCHEMA,
-                                                                     unexpected_field_behavior="ignore")))
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            tables.append(pa.Table.from_pylist(list(_read_part(part)), schema=METADATA_SCHEMA))
+    for part in _journal_parts(out):
+        table = _arrow_part(part, METADATA_SCHEMA)
+        tables.append(table if table is not None else
+                      pa.Table.from_pylist(list(_read_part(part)), schema=METADATA_SCHEMA))
     table = pa.concat_tables([t.select(METADATA_SCHEMA.names).cast(METADATA_SCHEMA) for t in tables]) \
         if tables else METADATA_SCHEMA.empty_table()
     first: dict[str, int] = {}
