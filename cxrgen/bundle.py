@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from cxrgen.checkpoint import load_into, md5sum, read_state_dict
+from cxrgen.download import Source, bundle_component, stage
 from cxrgen.errors import InputError
 
 # md5 of the published checkpoints (docs/algorithm.md); a download is checked against these.
@@ -20,12 +21,11 @@ KNOWN_MD5 = {
     }
 }
 SCALE_FACTOR = 0.3  # latent scaling of the bundle's sampler (scripts/sampler.py)
-_VERIFIED = ".cxrgen-verified"
 _CLASSES = {"AutoencoderKL": "autoencoder_def", "DiffusionModelUNet": "diffusion_def"}
 _SCHEDULES = {"scaled_linear": "scaled_linear_beta", "linear": "linear_beta"}
 
-# A source fetches bundle `name` into folder `dest` (so that dest/name/configs exists).
-BundleSource = Callable[[str, Path], None]
+# Where a named bundle is downloaded from: cxrgen.sources.WebSource (the default), or a local fake in tests.
+BundleSource = Source
 
 
 @dataclass(frozen=True)
@@ -48,55 +48,18 @@ class BundleSpec:
         return self.latent_shape[1] * factor, self.latent_shape[2] * factor
 
 
-def monai_source(name: str, dest: Path) -> None:
-    """Download with monai.bundle.download: MONAI's hosting first, then Hugging Face's MONAI org."""
-    from monai.bundle import download
-
-    errors = []
-    for kwargs in ({"source": "monaihosting"}, {"source": "huggingface_hub", "repo": f"MONAI/{name}"}):
-        try:
-            download(name=name, bundle_dir=str(dest), progress=False, **kwargs)
-            if (dest / name / "configs").is_dir():
-                return
-            errors.append(f"{kwargs['source']}: no configs/ after download")
-        except Exception as exc:  # noqa: BLE001 - network, HTTP and unpacking errors all end the same way
-            errors.append(f"{kwargs['source']}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
-    raise InputError(f"could not download bundle {name!r} ({'; '.join(errors)}); download it on a connected "
-                     "machine and pass its folder with --model /path/to/bundle")
-
-
-def resolve_model(model: str, cache_dir: str | Path, source: BundleSource = monai_source,
-                  expected_md5: dict | None = None) -> Path:
-    """A bundle folder: --model itself, or the named bundle downloaded once into the cache."""
+def resolve_model(model: str, cache_dir: str | Path, source: BundleSource | None = None,
+                  expected_md5: dict | None = None, *, offline: bool = False, progress: bool = True,
+                  log: Callable[[str], None] | None = None) -> Path:
+    """A bundle folder: --model itself, or NAME[@VERSION] staged once in the cache (cxrgen.download)."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path.resolve()
     if "/" in model or "\\" in model or model.startswith("."):
         raise InputError(f"--model {model}: no such bundle folder; give a bundle directory or a bundle name "
-                         "such as cxr_image_synthesis_latent_diffusion_model")
-    dest = Path(cache_dir).expanduser() / "bundles"
-    root = dest / model
-    if (root / _VERIFIED).is_file():
-        return root.resolve()
-    dest.mkdir(parents=True, exist_ok=True)
-    source(model, dest)
-    if not (root / "configs").is_dir():
-        raise InputError(f"fetching bundle {model!r} left no {root / 'configs'}; download the bundle on a connected "
-                         "machine and pass its folder with --model /path/to/bundle")
-    _verify_md5(root, KNOWN_MD5.get(model) if expected_md5 is None else expected_md5)
-    (root / _VERIFIED).write_text("md5 checked\n")
-    return root.resolve()
-
-
-def _verify_md5(root: Path, expected: dict | None) -> None:
-    for file_name, md5 in (expected or {}).items():
-        path = root / "models" / file_name
-        if not path.is_file():
-            raise InputError(f"downloaded bundle lacks {path}; delete {root} and retry, or pass --model DIR")
-        got = md5sum(path)
-        if got != md5:
-            raise InputError(f"{path}: md5 {got} but the published file has {md5} (corrupt or changed download); "
-                             f"delete {root} and retry")
+                         "such as cxr_image_synthesis_latent_diffusion_model (optionally NAME@VERSION)")
+    component = bundle_component(model, cache_dir, expected_md5)
+    return stage(component, source, offline=offline, progress=progress, log=log).resolve()
 
 
 def read_spec(root: str | Path) -> BundleSpec:

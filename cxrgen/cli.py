@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from cxrgen import __version__
-from cxrgen.config import DEFAULT_MODEL, DEFAULT_TEXT_ENCODER, RunConfig, default_cache_dir
+from cxrgen.config import DEFAULT_MODEL, DEFAULT_TEXT_ENCODER, RunConfig, default_cache_dir, offline_from_env
 from cxrgen.errors import CxrgenError
 from cxrgen.workers import rank_from_env
 
@@ -43,6 +43,18 @@ Shards = Annotated[Optional[int], typer.Option(
     "default $CXRGEN_SHARDS.")]
 CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Bundle download cache "
                                                   "(default: $CXRGEN_HOME or ~/.cache/cxrgen).")]
+Offline = Annotated[bool, typer.Option("--offline", help="Never touch the network (also HF_HUB_OFFLINE=1): models "
+                                       "must be staged with `cxrgen download` or given as folders.")]
+Verbose = Annotated[bool, typer.Option("--verbose", help="Let MONAI, transformers and huggingface_hub print their "
+                                       "own log lines.")]
+
+
+def _network(offline: bool, verbose: bool) -> bool:
+    """Whether to stay offline (--offline or HF_HUB_OFFLINE, read here at the boundary); quiets library logs."""
+    from cxrgen.download import quiet_library_logs
+
+    quiet_library_logs(verbose)
+    return offline or offline_from_env(os.environ)
 
 
 def _fail(exc: CxrgenError) -> None:
@@ -96,7 +108,7 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 @app.command()
 def generate(
-    manifest: Annotated[Path, typer.Argument(help="CSV, TSV or Parquet file with a prompt column.")],
+    manifest: Annotated[Path, typer.Argument(metavar="MANIFEST", help="CSV, TSV or Parquet file with a prompt column.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: beside the "
                                                 "manifest, named after it).")] = None,
     manifest_format: Annotated[str, typer.Option(help="auto, csv, tsv or parquet.")] = "auto",
@@ -114,13 +126,16 @@ def generate(
                                        "--scheduler dpmpp2m needs fewer (e.g. 20).")] = 50,
     scheduler: Annotated[str, typer.Option(help="ddim (the model card's) or dpmpp2m (DPM-Solver++(2M)).")] = "ddim",
     dtype: Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, "
-                                       "float16.")] = "auto",
+                                       "float16 (or fp32, bf16, fp16).")] = "auto",
     image_format: Annotated[str, typer.Option(help="jpg or png (lossless).")] = "jpg",
     jpeg_quality: Annotated[int, typer.Option(help="JPEG quality, 1-95.")] = 95,
+    file_names: Annotated[str, typer.Option(help="index: images/00000/00000042.jpg (safe for every loader); "
+                                            "id: images/00000/<image_id>.jpg (an id such as test-3 then "
+                                            "reads as a split to datasets' imagefolder).")] = "index",
     batch_size: BatchSize = 0, decode_batch_size: DecodeBatch = 0, device: Device = "auto",
     workers: Workers = 1, channels_last: ChannelsLast = False, compile: Compile = False,
     cache_dir: CacheDir = None, shard: Shard = None, shards: Shards = None, rank_wait: RankWait = None,
-    quiet: Quiet = False,
+    quiet: Quiet = False, offline: Offline = False, verbose: Verbose = False,
 ) -> None:
     """Generate one image per (row, sample) of MANIFEST into OUT, with metadata.parquet and run.json.
 
@@ -142,7 +157,8 @@ def generate(
             num_images=num_images, guidance_scale=guidance_scale, negative_prompt=negative_prompt, seed=seed,
             steps=steps, scheduler=scheduler, batch_size=batch_size, decode_batch_size=decode_batch_size,
             device=device, dtype=dtype, channels_last=channels_last, compile=compile, image_format=image_format,
-            jpeg_quality=jpeg_quality, workers=workers, quiet=quiet,
+            jpeg_quality=jpeg_quality, file_names=file_names, workers=workers, quiet=quiet,
+            offline=_network(offline, verbose),
             **({} if rank_wait is None else {"rank_wait": rank_wait}),
         )
         share = _share(shard, shards)
@@ -156,7 +172,7 @@ def generate(
 
 @app.command()
 def resume(
-    out: Annotated[Path, typer.Argument(help="Output folder of an earlier run (holds run.json).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of an earlier run (holds run.json).")],
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per UNet call; 0 picks one "
                                                       "for the device. [default: the saved value]")] = None,
     decode_batch_size: Annotated[Optional[int], typer.Option("--decode-batch-size", help="Latents per decoder "
@@ -172,6 +188,7 @@ def resume(
                                          "first and remake damaged ones (slow on big runs; by default one "
                                          "file-size check each).")] = False,
     shard: Shard = None, shards: Shards = None, rank_wait: RankWait = None, quiet: Quiet = False,
+    offline: Offline = False, verbose: Verbose = False,
 ) -> None:
     """Finish an interrupted run with the settings saved in OUT/run.json.
 
@@ -188,7 +205,7 @@ def resume(
         result = run_resume(out, rank=share, batch_size=batch_size,
                             decode_batch_size=decode_batch_size, device=device, workers=workers,
                             cache_dir=str(cache_dir.resolve()) if cache_dir else None, rank_wait=rank_wait,
-                            verify=verify, quiet=quiet)
+                            verify=verify, quiet=quiet, offline=_network(offline, verbose))
     except CxrgenError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -198,7 +215,7 @@ def resume(
 
 @app.command()
 def status(
-    out: Annotated[Path, typer.Argument(help="Output folder of a run.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of a run.")],
     finalize: Annotated[bool, typer.Option("--finalize", help="Write metadata.parquet if every image is done "
                                            "but no process merged the records (e.g. a rank died).")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Re-read, checksum and decode every recorded image "
@@ -241,7 +258,7 @@ def status(
 
 @app.command()
 def evaluate(
-    out: Annotated[Path, typer.Argument(help="Output folder of a finished run.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of a finished run.")],
     real: Annotated[Optional[Path], typer.Option("--real", help="Real chest X-rays: a folder of PNG/JPEG files "
                                                  "(searched recursively) or a CSV/Parquet table with a path column "
                                                  "(relative to the table) and optional label columns.")] = None,
@@ -262,11 +279,11 @@ def evaluate(
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Evaluator weights (torchxrayvision/) and "
                                                       "real-set features (eval-cache/) (default: $CXRGEN_HOME or "
                                                       "~/.cache/cxrgen).")] = None,
-    quiet: Quiet = False,
+    quiet: Quiet = False, offline: Offline = False, verbose: Verbose = False,
 ) -> None:
     """Measure fidelity (FID/KID with --real), diversity (MS-SSIM) and label adherence of OUT, flag bad images.
 
-    Writes OUT/evaluation/: scores.parquet (per-image scores, flags, accepted), summary.json and report.md
+    Writes OUT/quality/: scores.parquet (per-image scores, flags, accepted), summary.json and report.md
     with plots; metadata.parquet and the images are not changed. Needs `pip install "cxrgen[evaluate]"`.
     Exit codes: 0 done; 1 could not write; 2 bad input (unfinished run, empty real set, bad weights), nothing
     written.
@@ -282,6 +299,7 @@ def evaluate(
             device=device, evaluator_weights=str(evaluator_weights) if evaluator_weights else None,
             unsafe_pickle=evaluator_unsafe_pickle, max_pairs=max_pairs,
             cache_dir=str(cache_dir or default_cache_dir(os.environ)), quiet=quiet,
+            offline=_network(offline, verbose),
         )
         result = evaluate_run(options)
     except CxrgenError as exc:
@@ -293,8 +311,8 @@ def evaluate(
 
 @app.command()
 def reproduce(
-    out: Annotated[Path, typer.Argument(help="Output folder of a run.")],
-    image_id: Annotated[str, typer.Argument(help="The image's id (column image_id of metadata.parquet).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of a run.")],
+    image_id: Annotated[str, typer.Argument(metavar="IMAGE_ID", help="The image's id (column image_id of metadata.parquet).")],
     copy: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the regenerated image to this "
                                                  "file (the run's format; outside OUT).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: the kind of "
@@ -303,6 +321,7 @@ def reproduce(
                                                  "must be the run's).")] = None,
     text_encoder: Annotated[Optional[str], typer.Option(help="Text encoder repo id or folder, if the run's has "
                                                         "moved.")] = None,
+    offline: Offline = False, verbose: Verbose = False,
 ) -> None:
     """Regenerate one image of OUT from its metadata row and print how far it is from the stored file.
 
@@ -311,7 +330,8 @@ def reproduce(
     try:
         from cxrgen.reproduce import reproduce_image
 
-        result = reproduce_image(out, image_id, device=device, output=copy, model=model, text_encoder=text_encoder)
+        result = reproduce_image(out, image_id, device=device, output=copy, model=model, text_encoder=text_encoder,
+                                 offline=_network(offline, verbose))
     except CxrgenError as exc:
         _fail(exc)
     typer.echo(f"image:      {result.image_id} ({result.stored})")
@@ -322,6 +342,65 @@ def reproduce(
     typer.echo(f"same bytes: {'yes' if result.same_bytes else 'no'}")
     if result.output is not None:
         typer.echo(f"written:    {result.output}")
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of a finished run (holds metadata.parquet).")],
+    to: Annotated[Path, typer.Option("--to", help="Folder to create (new or empty, outside OUT).")],
+    format: Annotated[str, typer.Option("--format", help="webdataset (tar shards of <key>.jpg|png + <key>.json) "
+                                        "or imagefolder (hard-linked images + metadata.parquet).")] = "webdataset",
+    shard_size: Annotated[str, typer.Option("--shard-size", help="webdataset: bytes per shard at most, e.g. 1GB, "
+                                            "500MB, 2GiB.")] = "1GB",
+    accepted_only: Annotated[bool, typer.Option("--accepted-only", help="Only the images `cxrgen evaluate OUT` "
+                                                "accepted.")] = False,
+) -> None:
+    """Export the images and metadata of OUT as WebDataset shards or as an imagefolder copy.
+
+    Shards are named train-000000.tar, ... in plan order; each sample is <key>.jpg (or .png) plus <key>.json,
+    the image's metadata row with its labels. Exit codes: 0 done; 1 could not write; 2 bad input, nothing written.
+
+    Example: cxrgen export demo_out --format webdataset --to demo_shards --shard-size 500MB
+    """
+    try:
+        from cxrgen.export import ExportOptions, export_run, parse_size
+
+        result = export_run(ExportOptions(out=str(out), to=str(to), format=format, shard_size=parse_size(shard_size),
+                                          accepted_only=accepted_only))
+    except CxrgenError as exc:
+        _fail(exc)
+    what = f"{len(result.files)} shard(s)" if result.format == "webdataset" else "an imagefolder"
+    typer.echo(f"wrote {what} with {result.images} of {result.total} image(s) to {result.to}")
+
+
+@app.command()
+def preview(
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of a finished run (holds metadata.parquet).")],
+    thumb_size: Annotated[int, typer.Option("--thumb-size", help="Longest side of thumbnails and contact-sheet "
+                                            "tiles, in pixels (16-1024).")] = 128,
+    per_sheet: Annotated[int, typer.Option("--per-sheet", help="Images per contact sheet at most; a prompt with "
+                                           "more gets several sheets.")] = 100,
+    columns: Annotated[int, typer.Option("--columns", help="Tiles per row of a contact sheet.")] = 10,
+) -> None:
+    """Write OUT/preview/: one contact-sheet PNG per prompt and index.html, a gallery to open in a browser.
+
+    The gallery works from the file system (no server): thumbnails grouped by prompt, a filter over prompt
+    text and label values, each image's parameters, labels and (after `cxrgen evaluate`) scores and flags on
+    click. Thumbnails and sheets are remade only when their images changed. Exit codes: 0 done; 1 could not
+    write; 2 bad input (unfinished run, not a run folder), nothing written.
+
+    Example: cxrgen preview demo_out, then open demo_out/preview/index.html
+    """
+    try:
+        from cxrgen.preview import build_preview
+
+        result = build_preview(out, thumb_size=thumb_size, per_sheet=per_sheet, columns=columns)
+    except CxrgenError as exc:
+        _fail(exc)
+    typer.echo(f"{result.images} image(s), {result.prompts} prompt(s), {len(result.sheets)} contact sheet(s); "
+               f"thumbnails: {result.thumbs_made} made, {result.thumbs_kept} up to date"
+               + (f", {len(result.unreadable)} unreadable (e.g. {result.unreadable[0]})" if result.unreadable else ""))
+    typer.echo(f"open {result.index.resolve().as_uri()}")
 
 
 manifest_app = typer.Typer(
@@ -338,7 +417,7 @@ ManifestOut = Annotated[Path, typer.Option("--out", "-o", help="The manifest to 
 
 @manifest_app.command("from-labels")
 def manifest_from_labels(
-    labels: Annotated[Path, typer.Argument(help="Label table (CSV, TSV or Parquet): one row per real image, one "
+    labels: Annotated[Path, typer.Argument(metavar="LABELS", help="Label table (CSV, TSV or Parquet): one row per real image, one "
                                            "column per finding holding 1, 0, -1 (uncertain) or blank.")],
     out: ManifestOut,
     findings: Annotated[Optional[str], typer.Option("--findings", help="Comma-separated finding columns to use "
@@ -397,7 +476,7 @@ def manifest_from_labels(
 
 @manifest_app.command("from-reports")
 def manifest_from_reports(
-    reports: Annotated[Path, typer.Argument(help="Table of reports (CSV, TSV or Parquet), one report per row.")],
+    reports: Annotated[Path, typer.Argument(metavar="REPORTS", help="Table of reports (CSV, TSV or Parquet), one report per row.")],
     out: ManifestOut,
     text_column: Annotated[str, typer.Option("--text-column", help="Column with the report text; several, "
                                              "comma-separated (e.g. findings,impression), are joined.")] = "report",
@@ -439,7 +518,7 @@ _IGNORED = "Accepted so that a generate command line works unchanged; plan ignor
 
 @app.command()
 def plan(
-    manifest: Annotated[Path, typer.Argument(help="CSV, TSV or Parquet file with a prompt column.")],
+    manifest: Annotated[Path, typer.Argument(metavar="MANIFEST", help="CSV, TSV or Parquet file with a prompt column.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder generate would use (default: "
                                                 "beside the manifest, named after it).")] = None,
     manifest_format: Annotated[str, typer.Option(help="auto, csv, tsv or parquet.")] = "auto",
@@ -454,12 +533,13 @@ def plan(
     seed: Annotated[int, typer.Option(help="Base seed of the run (column seed overrides).")] = 0,
     steps: Annotated[int, typer.Option(help="Denoising steps; the estimate scales with them.")] = 50,
     scheduler: Annotated[str, typer.Option(help="ddim or dpmpp2m.")] = "ddim",
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16 (or fp32, bf16, fp16).")] = "auto",
     image_format: Annotated[str, typer.Option(help="jpg or png.")] = "jpg",
     batch_size: BatchSize = 0, device: Device = "auto", workers: Workers = 1,
     show_all: Annotated[bool, typer.Option("--show-all", help="List every truncated and duplicate prompt.")] = False,
     model: Annotated[str, typer.Option(hidden=True, help=_IGNORED)] = DEFAULT_MODEL,
     jpeg_quality: Annotated[int, typer.Option(hidden=True, help=_IGNORED)] = 95,
+    file_names: Annotated[str, typer.Option(hidden=True, help=_IGNORED)] = "index",
     decode_batch_size: Annotated[int, typer.Option("--decode-batch-size", hidden=True, help=_IGNORED)] = 0,
     channels_last: Annotated[bool, typer.Option("--channels-last", hidden=True, help=_IGNORED)] = False,
     compile: Annotated[bool, typer.Option("--compile", hidden=True, help=_IGNORED)] = False,
@@ -491,9 +571,117 @@ def plan(
         typer.echo(line)
 
 
+@app.command()
+def download(
+    model: Annotated[str, typer.Option(help="Bundle name, optionally NAME@VERSION (default version: the pinned "
+                                       "one).")] = DEFAULT_MODEL,
+    text_encoder: Annotated[str, typer.Option(help="Hugging Face repo id, optionally REPO@REVISION.")]
+    = DEFAULT_TEXT_ENCODER,
+    evaluator: Annotated[bool, typer.Option("--evaluator", help="Also the torchxrayvision weights of `cxrgen "
+                                            "evaluate` (needs the evaluate extra).")] = False,
+    cache_dir: CacheDir = None, quiet: Quiet = False, offline: Offline = False, verbose: Verbose = False,
+) -> None:
+    """Stage the bundle and text encoder (and with --evaluator the evaluator's weights) in the cache, for offline use.
+
+    Fetches only the files a run reads, at pinned versions, verifies them (md5 of the checkpoints, sizes,
+    sha256) and resumes a cut download. Safe to start on many ranks at once: one downloads, the others
+    wait. With --offline it only reports what is there and what is missing. Exit codes: 0 everything is
+    staged; 2 something could not be fetched (or, offline, is missing).
+
+    Example: cxrgen download --evaluator   (on a login node; then copy or share $CXRGEN_HOME)
+    """
+    try:
+        from cxrgen.cache_info import download as stage_all
+
+        offline = _network(offline, verbose)
+        report = stage_all(cache_dir or default_cache_dir(os.environ), model, text_encoder, evaluator,
+                           offline=offline, progress=not quiet, log=lambda line: typer.echo(line, err=True))
+    except CxrgenError as exc:
+        _fail(exc)
+    if not quiet or report.problem():
+        for line in report.lines():
+            typer.echo(line)
+    if report.problem():
+        _fail(report.problem())
+
+
+@app.command()
+def info(
+    model: Annotated[str, typer.Option(help="Bundle name (NAME@VERSION) a run would use.")] = DEFAULT_MODEL,
+    text_encoder: Annotated[str, typer.Option(help="Text encoder repo (REPO@REVISION) a run would use.")]
+    = DEFAULT_TEXT_ENCODER,
+    evaluator: Annotated[bool, typer.Option("--evaluator", help="Require the evaluator's weights too.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    cache_dir: CacheDir = None, offline: Offline = False,
+) -> None:
+    """Show what the cache holds for a run: each file with its size and verified / missing / corrupt.
+
+    Never uses the network (--offline is accepted for symmetry). Exit codes: 0 everything a run needs is
+    staged and verifies; 1 something is missing or corrupt (the report names the download command).
+
+    Example: cxrgen info --evaluator
+    """
+    try:
+        import json
+
+        from cxrgen.cache_info import cache_report
+
+        report = cache_report(cache_dir or default_cache_dir(os.environ), model, text_encoder, evaluator)
+    except CxrgenError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else "\n".join(report.lines()))
+    if not report.complete:
+        raise typer.Exit(1)
+
+
+def _usage_line(exc, args: list[str]) -> str:
+    """One line for a command-line mistake: what is wrong, the fix where one is known, where help is."""
+    import difflib
+
+    from typer._click import exceptions as click_exc  # typer vendors click
+
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx else " ".join(["cxrgen", *args[:1]]) if args and args[0].isalpha() else "cxrgen"
+    param = getattr(exc, "param", None)
+    cause = getattr(exc.__cause__, "errors", None)
+    if isinstance(exc, click_exc.NoSuchOption):
+        best = difflib.get_close_matches(exc.option_name, exc.possibilities or [], n=1)
+        text = f"no such option {exc.option_name}" + (f"; did you mean {best[0]}?" if best else "")
+    elif isinstance(exc, click_exc.MissingParameter) and param is not None:
+        text = f"missing {param.param_type_name} {(param.name or '').upper()}"
+    elif isinstance(exc, click_exc.BadParameter) and param is not None and callable(cause):
+        error = cause()[0]
+        kind = {"int_parsing": "a valid integer", "float_parsing": "a valid number"}.get(error.get("type"))
+        name = param.opts[0] if param.opts else param.name
+        example = f"; e.g. {name} {param.default}" if kind and param.default is not None else ""
+        text = (f"{name}: {error.get('input')!r} is not {kind}{example}" if kind
+                else f"{name}: {exc.format_message()}")
+    else:
+        text = exc.format_message()
+    return f"{' '.join(text.split())}  (see '{where} --help')"
+
+
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="cxrgen")
+    """Console-script entry point: a usage mistake is one line (exit 2); the rest as Typer does it."""
+    import sys
+
+    from typer._click import exceptions as click_exc  # typer vendors click
+
+    try:
+        code = app(prog_name="cxrgen", standalone_mode=False)
+    except click_exc.NoArgsIsHelpError as exc:  # a bare `cxrgen` or `cxrgen manifest`: the help page
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click_exc.UsageError as exc:
+        typer.echo(f"cxrgen: error: {_usage_line(exc, sys.argv[1:])}", err=True)
+        sys.exit(exc.exit_code)
+    except click_exc.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click_exc.Abort:
+        typer.echo("Aborted!", err=True)
+        sys.exit(1)
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

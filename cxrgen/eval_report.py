@@ -1,4 +1,4 @@
-"""report.md and its PNG plots in OUT/evaluation/: what a person reads after `cxrgen evaluate`."""
+"""report.md and its PNG plots in OUT/quality/: what a person reads after `cxrgen evaluate`."""
 from __future__ import annotations
 
 import io
@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from cxrgen.store import EVAL_DIR
 
 Write = Callable[[Path, bytes], None]  # an atomic writer (evaluate's, so errors read the same)
 _PLOT = re.compile(r"(score_\d+_.*|ms_ssim)\.png")
@@ -155,7 +157,7 @@ def _markdown(s: dict, finding_plots: dict, has_ms_ssim_plot: bool) -> str:
     lines += ["", f"**{s['n_accepted']} of {s['n_images']} images are accepted** (no flag). Keep only them when loading "
               "the dataset:", "", "```python", "import pandas as pd",
               f"meta = pd.read_parquet({str(Path(s['out']) / 'metadata.parquet')!r})",
-              f"scores = pd.read_parquet({str(Path(s['out']) / 'evaluation' / 'scores.parquet')!r})",
+              f"scores = pd.read_parquet({str(Path(s['out']) / EVAL_DIR / 'scores.parquet')!r})",
               'train = meta.merge(scores[["image_id", "accepted"]], on="image_id").query("accepted")', "```", "",
               "Per-image scores and flags: `scores.parquet`; every figure: `summary.json`.", ""]
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """cxrgen evaluate: fidelity, diversity and label adherence of a finished run, and a verdict per image.
 
 Reads OUT (never changes metadata.parquet or the images), runs every image once through torchxrayvision's
-DenseNet (features for FID/KID, calibrated scores for adherence), and writes OUT/evaluation/:
+DenseNet (features for FID/KID, calibrated scores for adherence), and writes OUT/quality/:
 scores.parquet, summary.json, report.md and its PNG plots (docs/evaluation.md).
 """
 from __future__ import annotations
@@ -31,9 +31,8 @@ from cxrgen.errors import InputError, RunError
 from cxrgen.evaluator import (FEATURES, RELEASE, Evaluator, WeightsSource, load_evaluator, prepare, release_info,
                               require_extra, resolve_weights)
 from cxrgen.state import read_run_json
-from cxrgen.store import METADATA_SCHEMA, atomic_write, resume_command
+from cxrgen.store import EVAL_DIR, METADATA_SCHEMA, atomic_write, resume_command
 
-EVAL_DIR = "evaluation"
 FLAGS = ("unreadable", "blank", "saturated", "label_missing")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CACHE_VERSION = 1  # bump when the preprocessing or the cache layout changes
@@ -56,6 +55,7 @@ class EvalOptions:
     cache_dir: str = ""  # $CXRGEN_HOME: weights under torchxrayvision/, real-set features under eval-cache/
     threads: int = 2  # decode/preprocess threads working ahead of the network
     quiet: bool = False  # no progress bar
+    offline: bool = False  # never download the weights: they must be staged (`cxrgen download --evaluator`)
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.min_score <= 1.0):
@@ -122,7 +122,7 @@ def _fmt(value) -> str:
 
 
 def evaluate_run(options: EvalOptions, *, weights_source: WeightsSource | None = None) -> EvalResult:
-    """Evaluate the finished run in options.out and write OUT/evaluation/ (see the module docstring)."""
+    """Evaluate the finished run in options.out and write OUT/quality/ (see the module docstring)."""
     started = time.monotonic()
     # 1. check every input before loading the network or writing anything
     require_extra()
@@ -137,7 +137,7 @@ def evaluate_run(options: EvalOptions, *, weights_source: WeightsSource | None =
     device = _device(options.device)
     if options.batch_size == 0:
         options = dataclasses.replace(options, batch_size=64 if device.startswith("cuda") else 8)
-    weights = resolve_weights(options.evaluator_weights, options.cache_dir, weights_source)
+    weights = resolve_weights(options.evaluator_weights, options.cache_dir, weights_source, offline=options.offline)
     evaluator = load_evaluator(weights, device, options.unsafe_pickle)
     timings = {"load_s": time.monotonic() - started}  # extras imported, inputs checked, network loaded
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import importlib
 import pickle
 import re
-import shutil
-import urllib.request
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,7 +20,7 @@ import torch
 from PIL import Image
 
 from cxrgen.errors import InputError
-from cxrgen.store import TMP_MARK, file_digest
+from cxrgen.store import file_digest
 
 RELEASE = "densenet121-res224-all"  # torchxrayvision's name of the weights trained on every dataset
 INPUT_SIZE = 224  # the release's input_resolution
@@ -68,18 +66,18 @@ def release_info() -> dict:
 
 
 def http_source(url: str, dest: Path) -> None:
-    """Download url to dest (through a temporary name, so a cut download never looks finished)."""
-    tmp = dest.with_name(f".{dest.name}{TMP_MARK}download")
-    try:
-        with urllib.request.urlopen(url, timeout=20) as response, open(tmp, "wb") as handle:  # noqa: S310 - https
-            shutil.copyfileobj(response, handle, 1 << 20)
-        tmp.replace(dest)
-    finally:
-        tmp.unlink(missing_ok=True)  # a cut download leaves nothing behind
+    """Download url to dest through dest.part, resuming a cut download, with a progress bar."""
+    from cxrgen.download import RemoteFile, WebSource, evaluator_component, fetch_file
+
+    # the component only words the messages (the command that resumes); dest may be anywhere
+    fetch_file(WebSource(), RemoteFile(dest.name, url), dest, evaluator_component(url, dest.parent.parent))
 
 
-def resolve_weights(weights: str | Path | None, cache_dir: str | Path, source: WeightsSource | None = None) -> Path:
+def resolve_weights(weights: str | Path | None, cache_dir: str | Path, source: WeightsSource | None = None, *,
+                    offline: bool = False) -> Path:
     """The weight file: --evaluator-weights itself, else $CXRGEN_HOME/torchxrayvision/<release file>, fetched once."""
+    from cxrgen.download import evaluator_component, offline_error, record_files
+
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -87,12 +85,17 @@ def resolve_weights(weights: str | Path | None, cache_dir: str | Path, source: W
                              "release file (.pt)")
         return path.resolve()
     info = release_info()
-    dest = Path(cache_dir).expanduser() / "torchxrayvision" / info["file_name"]
-    if dest.is_file():
+    component = evaluator_component(info["url"], cache_dir)
+    dest = component.folder / info["file_name"]
+    if dest.is_file():  # staged by `cxrgen download --evaluator`, or placed there by hand
         return dest.resolve()
+    if offline:
+        raise offline_error(component)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         (source or http_source)(info["url"], dest)
+    except InputError:
+        raise
     except Exception as exc:  # noqa: BLE001 - offline, HTTP error, proxy: all end in the same advice
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise InputError(f"cannot download the evaluator weights {info['url']} ({reason}); download that file on a "
@@ -100,6 +103,7 @@ def resolve_weights(weights: str | Path | None, cache_dir: str | Path, source: W
     if not dest.is_file():
         raise InputError(f"downloading {info['url']} left no {dest}; place the file there or pass "
                          "--evaluator-weights FILE")
+    record_files(component, info["url"], "release")
     return dest.resolve()
 
 

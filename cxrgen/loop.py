@@ -10,6 +10,7 @@ from typing import Callable, Iterable
 
 from cxrgen.errors import Interrupted, RunError
 from cxrgen.plan import WorkItem
+from cxrgen.provenance import provenance_of
 from cxrgen.store import Journal, atomic_write, encode_image, file_check, resume_command
 
 _EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -70,11 +71,12 @@ class BatchLoop:
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cxrgen-write")
 
     def _write_one(self, item: WorkItem, pixels, tokens: dict) -> dict:
-        data = encode_image(pixels, self.image_format, self.jpeg_quality)
+        record = make_record(item, self.common, tokens)
+        data = encode_image(pixels, self.image_format, self.jpeg_quality, provenance_of(record))
         atomic_write(self.out / item.file_name, data)
         # Size and checksum of the bytes already in memory: a start-up then needs one stat per image,
         # and `--verify` can tell a damaged file from a good one without trusting the decoder alone.
-        return {**make_record(item, self.common, tokens), **file_check(data)}
+        return {**record, **file_check(data)}
 
     def _submit(self, items: list[WorkItem], images) -> list[Future]:
         # Tokenize here, on the sampling thread: the tokenizer is not thread-safe (padding state).

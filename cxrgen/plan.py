@@ -57,8 +57,14 @@ def row_slug(row: Row) -> str:
     return slug
 
 
+def image_file_name(index: int, image_id: str, image_format: str, file_names: str = "index") -> str:
+    """Where image `index` of the plan is written, relative to the output folder."""
+    stem = f"{index:08d}" if file_names == "index" else image_id
+    return f"images/{index // FILES_PER_FOLDER:05d}/{stem}.{image_format}"
+
+
 def make_plan(rows: tuple[Row, ...], *, seed: int, num_images: int, guidance_scale: float,
-              negative_prompt: str, image_format: str) -> list[WorkItem]:
+              negative_prompt: str, image_format: str, file_names: str = "index") -> list[WorkItem]:
     """One WorkItem per (row, sample index), in manifest order; independent of batch size and devices."""
     items: list[WorkItem] = []
     for row in rows:
@@ -70,7 +76,7 @@ def make_plan(rows: tuple[Row, ...], *, seed: int, num_images: int, guidance_sca
             items.append(WorkItem(
                 index=index,
                 image_id=image_id,
-                file_name=f"images/{index // FILES_PER_FOLDER:05d}/{image_id}.{image_format}",
+                file_name=image_file_name(index, image_id, image_format, file_names),
                 row=row.number,
                 row_id=row.row_id,
                 sample_index=k,
@@ -99,7 +105,7 @@ def load_plan(config: "RunConfig") -> tuple[Manifest, list[WorkItem]]:
                              config.allow_empty_prompt)
     plan = make_plan(manifest.rows, seed=config.seed, num_images=config.num_images,
                      guidance_scale=config.guidance_scale, negative_prompt=config.negative_prompt,
-                     image_format=config.image_format)
+                     image_format=config.image_format, file_names=config.file_names)
     if not plan:
         what = "has no data rows" if not manifest.rows else "plans no images (num_images is 0 on every row)"
         raise InputError(f"manifest {manifest.path} {what}; add rows or set --num-images to 1 or more")

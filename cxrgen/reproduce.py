@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cxrgen.bundle import BundleSource, monai_source, resolve_model
+from cxrgen.bundle import BundleSource, resolve_model
 from cxrgen.config import RunConfig
 from cxrgen.errors import InputError
 from cxrgen.plan import WorkItem
+from cxrgen.provenance import provenance_of, read_provenance
 from cxrgen.state import image_ok, read_run_json
 from cxrgen.store import STATE_DIR, atomic_write, encode_image, read_records, resume_command
 
@@ -34,9 +35,10 @@ class ReproduceResult:
     same_bytes: bool  # the regenerated file's bytes equal the stored file's
 
 
-def reproduce_image(out: str | Path, image_id: str, *, bundle_source: BundleSource = monai_source,
+def reproduce_image(out: str | Path, image_id: str, *, bundle_source: BundleSource | None = None,
                     device: str | None = None, dtype: str | None = None, output: str | Path | None = None,
-                    model: str | None = None, text_encoder: str | None = None) -> ReproduceResult:
+                    model: str | None = None, text_encoder: str | None = None,
+                    offline: bool = False) -> ReproduceResult:
     """Remake one image of the run in OUT alone (a batch of one) and measure how far it is from the stored file.
 
     device None means the kind the image was made on (its device_type); dtype None means the run's.
@@ -58,11 +60,11 @@ def reproduce_image(out: str | Path, image_id: str, *, bundle_source: BundleSour
     output = _check_output(out, output, config.image_format)
     # 1. the run's networks, on the chosen device; compile only pays off over many batches
     config = dataclasses.replace(config, compile=False, model=model or config.model,
-                                 text_encoder=text_encoder or config.text_encoder)
+                                 text_encoder=text_encoder or config.text_encoder, offline=offline)
     device = device or record.get("device_type") or "cpu"
     dtype = dtype or saved["settings"]["dtype"]
     cache_dir = config.cache_dir or str(Path.home() / ".cache" / "cxrgen")  # as the run resolved it
-    bundle_root = resolve_model(config.model, cache_dir, bundle_source)
+    bundle_root = resolve_model(config.model, cache_dir, bundle_source, offline=offline)
     bundle, text = load_models(config, bundle_root, device)
     if bundle.md5 != saved["settings"]["checkpoint_md5"]:
         raise InputError(f"the checkpoints in {bundle_root} are not the ones this run used (md5 {bundle.md5} vs "
@@ -74,7 +76,7 @@ def reproduce_image(out: str | Path, image_id: str, *, bundle_source: BundleSour
     engine = make_engine(config, bundle, text, device, dtype)
     # 2. one image, from the same inputs the run recorded
     pixels = engine.run_batch([_work_item(record)])[0].numpy()
-    data = encode_image(pixels, config.image_format, config.jpeg_quality)
+    data = encode_image(pixels, config.image_format, config.jpeg_quality, _marker(record, stored))
     if output is not None:
         atomic_write(output, data)
     # 3. compare what a viewer sees: both files decoded (a JPEG run's stored pixels are the decoded JPEG)
@@ -82,6 +84,11 @@ def reproduce_image(out: str | Path, image_id: str, *, bundle_source: BundleSour
     diff = np.abs(_decode(data) - _decode(original))
     return ReproduceResult(image_id, stored, output, str(engine.options.device), dtype, int(diff.max()),
                            float(diff.mean()), float((diff == 0).mean()), data == original)
+
+
+def _marker(record: dict, stored: Path) -> dict | None:
+    """The marker the stored file carries, so identical pixels give identical bytes (older runs carry none)."""
+    return provenance_of(record) if read_provenance(stored) is not None else None
 
 
 def _find_record(out: Path, image_id: str) -> dict:

@@ -16,8 +16,8 @@ import torch
 from tqdm import tqdm
 
 from cxrgen import __version__
-from cxrgen.bundle import BundleSource, load_bundle, monai_source, read_spec, resolve_model
-from cxrgen.config import PIXEL_FIELDS, RunConfig, pixel_differences, with_absolute_paths
+from cxrgen.bundle import BundleSource, load_bundle, read_spec, resolve_model
+from cxrgen.config import LEGACY_DEFAULTS, PIXEL_FIELDS, RunConfig, pixel_differences, with_absolute_paths
 from cxrgen.engine import Engine, EngineOptions, check_widths, default_batch_size, resolve_device, resolve_dtype
 from cxrgen.errors import CxrgenError, InputError
 from cxrgen.lock import FolderLock, InitLock, RankLock, held_rank_locks, unlocked_warning
@@ -81,7 +81,7 @@ def _check_out_folder(out: Path) -> dict | None:
     return saved
 
 
-def generate(config: RunConfig, *, bundle_source: BundleSource = monai_source, log: Log = _stderr,
+def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, log: Log = _stderr,
              rank: Rank | None = None, engine_hook: Callable | None = None) -> RunResult:
     """Make every planned image of the config in config.out, resuming a matching earlier run there.
 
@@ -92,9 +92,11 @@ def generate(config: RunConfig, *, bundle_source: BundleSource = monai_source, l
     started = time.monotonic()
     # 1. validate input and output before loading anything heavy or writing anything
     config = with_absolute_paths(config)
-    manifest, plan = load_plan(config)
     out, state = Path(config.out), Path(config.out) / STATE_DIR
     saved = _check_out_folder(out)
+    if saved is not None and "file_names" not in saved["config"]:
+        config = dataclasses.replace(config, file_names=LEGACY_DEFAULTS["file_names"])  # a run of cxrgen < 0.2
+    manifest, plan = load_plan(config)
     FolderLock(state, shared=rank is not None).check_free()  # refuse a second writer before loading
     devices = _devices(config, rank)
     first_device = resolve_device(devices[0])
@@ -110,7 +112,7 @@ def generate(config: RunConfig, *, bundle_source: BundleSource = monai_source, l
             held.callback(rank_lock.release)
         # 2. models: loaded here once to check them (and to sample, when this process is the only worker)
         bundle_root = resolve_model(config.model, config.cache_dir or str(Path.home() / ".cache" / "cxrgen"),
-                                    bundle_source)
+                                    bundle_source, offline=config.offline, progress=not config.quiet, log=log)
         sole = len(devices) == 1
         bundle, text = load_models(config, bundle_root, devices[0] if sole else "cpu")
         settings = _pixel_settings(config, manifest, plan, dtype, bundle.md5, text.fingerprint)
@@ -234,7 +236,9 @@ def _devices(config: RunConfig, rank: Rank | None) -> list[str]:
 def load_models(config: RunConfig, bundle_root: Path | str, device: str):
     """The bundle's networks and the text encoder, checked against each other."""
     bundle = load_bundle(read_spec(bundle_root))
-    text = load_text_encoder(config.text_encoder, resolve_device(device))
+    text = load_text_encoder(config.text_encoder, resolve_device(device), offline=config.offline,
+                             cache_dir=config.cache_dir or str(Path.home() / ".cache" / "cxrgen"),
+                             progress=not config.quiet, log=_stderr)
     check_widths(bundle, text)
     return bundle, text
 
@@ -389,7 +393,7 @@ def _versions() -> dict:
     return found
 
 
-def resume(out: str | Path, *, bundle_source: BundleSource = monai_source, log: Log = _stderr,
+def resume(out: str | Path, *, bundle_source: BundleSource | None = None, log: Log = _stderr,
            rank: Rank | None = None, engine_hook: Callable | None = None, **overrides) -> RunResult:
     """Finish the run saved in OUT; overrides may change only settings that do not change pixels."""
     out = Path(out)

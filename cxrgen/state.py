@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 from PIL import Image
 
+from cxrgen.card import CARD, write_run_card
 from cxrgen.errors import InputError
 from cxrgen.manifest import Manifest
 from cxrgen.plan import WorkItem
@@ -127,7 +128,9 @@ def finalize(out: Path, plan: list[WorkItem], manifest: Manifest) -> Path | None
     # the plan's file names: the same as recorded, stated once by the plan
     table = table.set_column(table.schema.get_field_index("file_name"), "file_name",
                              pa.array([item.file_name for item in plan], pa.string()))
-    return write_metadata(out, table, manifest.labels, [item.row for item in plan])
+    path = write_metadata(out, table, manifest.labels, [item.row for item in plan])
+    write_run_card(out)  # the dataset card always describes the metadata.parquet beside it
+    return path
 
 
 def finalize_once(out: Path, plan: list[WorkItem], manifest: Manifest) -> Path | None:
@@ -138,6 +141,8 @@ def finalize_once(out: Path, plan: list[WorkItem], manifest: Manifest) -> Path |
             # (checked only when there is one: reading every record again is the costly part at scale).
             if temp_files(out) and _all_in_place(out, plan, read_records(out, CHECK_FIELDS)):
                 _remove_temp_files(out)
+            if not (out / CARD).is_file():  # killed between the two writes, or merged by an older cxrgen
+                write_run_card(out)
             return out / "metadata.parquet"
         path = finalize(out, plan, manifest)
         if path is not None:

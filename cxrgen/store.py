@@ -19,6 +19,9 @@ from PIL import Image
 from cxrgen.errors import RunError
 
 STATE_DIR = ".cxrgen"  # journal, lock and claims live here, beside images/
+# `cxrgen evaluate`'s folder. Not "evaluation": datasets' imagefolder reads eval/evaluation/test/val/train in
+# any path as a split name, and would then load the plots instead of the images.
+EVAL_DIR = "quality"
 RECORDS_DIR = f"{STATE_DIR}/records"
 TMP_MARK = ".tmp-"
 _HOST = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())[:32] or "host"
@@ -111,14 +114,19 @@ def _unlink_quietly(path: Path) -> None:
         pass
 
 
-def encode_image(pixels, image_format: str, jpeg_quality: int) -> bytes:
-    """8-bit grayscale JPEG or PNG bytes of an (H, W) uint8 array, no transpose or flip."""
+def encode_image(pixels, image_format: str, jpeg_quality: int, provenance: dict | None = None) -> bytes:
+    """8-bit grayscale JPEG or PNG bytes of an (H, W) uint8 array, no transpose or flip.
+
+    provenance: the synthetic-image marker (cxrgen.provenance) to embed; it never changes the pixels.
+    """
+    from cxrgen.provenance import save_options
+
     buffer = io.BytesIO()
     image = Image.fromarray(pixels)  # a 2-D uint8 array is mode "L"
     if image_format == "png":
-        image.save(buffer, format="PNG")
+        image.save(buffer, format="PNG", **save_options(provenance, "png"))
     else:
-        image.save(buffer, format="JPEG", quality=jpeg_quality)
+        image.save(buffer, format="JPEG", quality=jpeg_quality, **save_options(provenance, "jpg"))
     return buffer.getvalue()
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from cxrgen.config import split_ref
+from cxrgen.download import is_staged, read_marker, stage, text_encoder_component
 from cxrgen.errors import InputError
 from cxrgen.store import file_digest
 
@@ -143,13 +145,16 @@ def _weights_digest(path: Path) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def load_text_encoder(text_encoder: str, device: torch.device | str = "cpu") -> TextEncoder:
-    """Load from a local directory (with or without tokenizer/ and text_encoder/ subfolders) or a hub repo."""
-    from transformers import CLIPTextModel, CLIPTokenizer
-    from transformers.utils import logging as hf_logging
+def load_text_encoder(text_encoder: str, device: torch.device | str = "cpu", *, cache_dir: str | Path | None = None,
+                      offline: bool = False, source=None, progress: bool = True, log=None) -> TextEncoder:
+    """Load from a local directory (with or without tokenizer/ and text_encoder/ subfolders) or a hub repo.
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    A repo id (REPO[@REVISION]) is looked up, in order, as a copy staged in cache_dir by `cxrgen download`,
+    in the local Hugging Face cache, and, unless offline, downloaded into cache_dir (cxrgen.download).
+    Without cache_dir a repo not in the Hugging Face cache is loaded from the hub by transformers.
+    """
+    from transformers import CLIPTextModel, CLIPTokenizer
+
     local = Path(text_encoder).expanduser()
     if local.is_dir():
         split = (local / "tokenizer").is_dir()
@@ -159,7 +164,8 @@ def load_text_encoder(text_encoder: str, device: torch.device | str = "cpu") -> 
         raise InputError(f"--text-encoder {text_encoder}: no such folder; give a folder holding tokenizer/ and "
                          "text_encoder/ or a Hugging Face repo id")
     else:
-        where = (text_encoder, "tokenizer", "text_encoder")
+        repo, revision = split_ref(text_encoder)
+        where = (repo, "tokenizer", "text_encoder")
         tried = f"Hugging Face repo {text_encoder} (subfolders tokenizer/, text_encoder/)"
 
     def fail(reason: str) -> InputError:
@@ -167,34 +173,61 @@ def load_text_encoder(text_encoder: str, device: torch.device | str = "cpu") -> 
                           "repo is gone, pass --text-encoder /path/to/local/copy (a folder with tokenizer/ and "
                           "text_encoder/)")
 
-    def load(**options):
-        return (CLIPTokenizer.from_pretrained(where[0], subfolder=where[1] or "", **options),
-                CLIPTextModel.from_pretrained(where[0], subfolder=where[2] or "", **options))
+    def load(folder=where[0], **options):
+        return (CLIPTokenizer.from_pretrained(folder, subfolder=where[1] or "", **options),
+                CLIPTextModel.from_pretrained(folder, subfolder=where[2] or "", **options))
 
-    kind = "folder" if local.is_dir() else "hub"
+    kind, commit = "folder" if local.is_dir() else "hub", None
     try:
         if kind == "folder":
             tokenizer, model = load()
+        elif cache_dir is None:
+            tokenizer, model = _load_from_hub(load, fail, revision)
         else:
-            tokenizer, model = _load_from_hub(load, fail)
+            # 1. staged by `cxrgen download`, 2. the Hugging Face cache, 3. staged now (unless offline)
+            component = text_encoder_component(text_encoder, cache_dir)
+            if not is_staged(component):
+                try:
+                    return _finish(*load(local_files_only=True, **_revision(revision)), text_encoder, device,
+                                   where, "hub", None, fail)
+                except InputError:
+                    raise
+                except Exception:  # noqa: BLE001 - not (or not wholly) in the Hugging Face cache
+                    stage(component, source, offline=offline, progress=progress, log=log)
+            kind, commit = "staged", (read_marker(component) or {}).get("revision")
+            tokenizer, model = load(str(component.folder))
+            where = (str(component.folder), *where[1:])
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - hub, network and file errors all get one actionable line
         raise fail(_first_line(exc)) from None
+    return _finish(tokenizer, model, text_encoder, device, where, kind, commit, fail)
+
+
+def _finish(tokenizer, model, text_encoder: str, device, where: tuple, kind: str, commit: str | None,
+            fail) -> TextEncoder:
     if len(tokenizer) < MIN_VOCAB:
         # transformers builds an empty tokenizer, silently, from a folder without tokenizer files; every
         # prompt would then become unknown tokens and every image would ignore its prompt
         raise fail(f"its tokenizer has {len(tokenizer)} tokens (the SD 2.x CLIP tokenizer has 49,408): the "
                    "tokenizer files (vocab.json, merges.txt) are missing")
-    return TextEncoder(tokenizer, model.to(device), text_encoder, weights=(where[0], where[2] or "", kind))
+    text = TextEncoder(tokenizer, model.to(device), text_encoder,
+                       weights=(where[0], where[2] or "", "hub" if kind == "hub" else "folder"))
+    if commit:  # a staged copy is identified by the commit it was fetched at, as a hub-cache copy is
+        text._fingerprint = f"revision:{commit}"
+    return text
 
 
-def _load_from_hub(load, fail):
+def _revision(revision: str | None) -> dict:
+    return {"revision": revision} if revision else {}
+
+
+def _load_from_hub(load, fail, revision: str | None):
     """The local Hugging Face cache first; the network only after a quick probe says the hub answers."""
     from huggingface_hub import constants
 
     try:
-        return load(local_files_only=True)
+        return load(local_files_only=True, **_revision(revision))
     except Exception:  # noqa: BLE001 - any miss or damage in the cache: the hub may still have it
         pass
     if constants.HF_HUB_OFFLINE:
@@ -203,7 +236,7 @@ def _load_from_hub(load, fail):
     problem = hub_unreachable(endpoint)
     if problem:
         raise fail(f"it is not in the local Hugging Face cache and the hub {endpoint} is unreachable ({problem})")
-    return load()
+    return load(**_revision(revision))
 
 
 def hub_unreachable(endpoint: str, timeout: float = HUB_PROBE_SECONDS) -> str | None:

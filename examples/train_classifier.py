@@ -7,7 +7,7 @@ real + synthetic images, then compare per-finding AUROC on held-out real images.
 per finding holding 1, 0, -1 or blank (CheXpert / MIMIC-CXR-JPG style; -1 and blank count as 0 unless
 --uncertain ones). --synthetic is a finished `cxrgen generate` output folder; its label columns are the
 manifest's (from `cxrgen manifest from-labels`: one 0/1 column per finding). --only-accepted keeps only the
-images `cxrgen evaluate` accepted (OUT/evaluation/scores.parquet). Held out: --test TABLE, or a --holdout
+images `cxrgen evaluate` accepted (OUT/quality/scores.parquet). Held out: --test TABLE, or a --holdout
 share of the real rows (by --group-column, e.g. a patient id, when given). No weights are downloaded unless
 you pass --pretrained (torchvision's ImageNet weights). Both settings start from the same seeded weights and
 train --epochs over their own training set; --max-steps caps each (equal steps: a fairer comparison).
@@ -87,18 +87,17 @@ def read_real(table: Path, path_column: str, root: Path | None = None) -> pd.Dat
 def load_synthetic(out: Path, only_accepted: bool = False, cache_dir: str | None = None):
     """A cxrgen output folder as a Hugging Face dataset: the images plus every metadata.parquet column.
 
-    The files are named explicitly instead of `load_dataset("imagefolder", data_dir=OUT)`: with data_dir,
-    `datasets` takes folders or files named like a split (`evaluation/`, which `cxrgen evaluate` writes, or
-    image ids starting with `test`, `val`, `train`) as separate splits, and the labelled images go missing.
+    The folder's dataset card (OUT/README.md) pins its one `train` split, so `quality/`, `preview/` or an
+    image id such as `test-3` never becomes a split of its own.
     """
     import datasets
 
-    if not (out / "metadata.parquet").is_file():
-        raise SystemExit(f"{out}: no metadata.parquet; finish the run first (cxrgen status {out})")
-    files = {"train": [str(out / "metadata.parquet"), str(out / "images" / "**")]}
-    dataset = datasets.load_dataset("imagefolder", data_files=files, split="train", cache_dir=cache_dir)
+    if not (out / "README.md").is_file():
+        raise SystemExit(f"{out}: no dataset card (README.md); finish the run first, or add the card to a run "
+                         f"finished by an older cxrgen: cxrgen resume {out}")
+    dataset = datasets.load_dataset(str(out), split="train", cache_dir=cache_dir)
     if only_accepted:
-        scores = out / "evaluation" / "scores.parquet"
+        scores = out / "quality" / "scores.parquet"
         if not scores.is_file():
             raise SystemExit(f"--only-accepted: {scores} does not exist; run `cxrgen evaluate {out}` first")
         table = pd.read_parquet(scores, columns=["image_id", "accepted"])

@@ -12,12 +12,11 @@ import pytest
 import torch
 
 import tiny
-from cxrgen.bundle import KNOWN_MD5, load_bundle, monai_source, read_spec, resolve_model
+from cxrgen.bundle import load_bundle, read_spec, resolve_model
 from cxrgen.checkpoint import load_into, old_key, old_layout, to_old_layout
-from cxrgen.config import RunConfig, default_cache_dir
+from cxrgen.config import default_cache_dir
 from cxrgen.engine import Engine, EngineOptions
 from cxrgen.errors import InputError
-from cxrgen.run import generate
 from cxrgen.text import MAX_TOKENS, TokenInfo, load_text_encoder
 
 FIXTURE_KEYS = Path(__file__).parent / "fixtures" / "old_checkpoint_keys.json"
@@ -349,133 +348,33 @@ def test_full_size_autoencoder_checkpoint_missing_one_key_is_refused(tmp_path):
     assert "1 missing key" in message and "unexpected" not in message
 
 
-# --------------------------------------------------------------------------- download path
+# --------------------------------------------------------------------------- named bundles (staging: test_download.py)
 
 
-class FakeSource:
-    """A bundle source that copies a local folder into the cache (no network) and counts calls."""
+class NoDownload:
+    """A source that fails the test if anything is listed or fetched."""
 
-    def __init__(self, src: Path):
-        self.src, self.calls = src, []
+    def listing(self, *args):
+        pytest.fail("must not download")
 
-    def __call__(self, name: str, dest: Path) -> None:
-        self.calls.append((name, dest))
-        shutil.copytree(self.src, dest / name, dirs_exist_ok=True)
-
-
-def test_named_bundle_downloads_once_into_cache(tmp_path, bundle_dir):
-    source = FakeSource(bundle_dir)
-    expected = {f: md5(bundle_dir / "models" / f) for f in ("autoencoder.pth", "diffusion_model.pth")}
-    root = resolve_model("tiny_cxr_bundle", tmp_path / "cache", source, expected_md5=expected)
-    assert root == (tmp_path / "cache" / "bundles" / "tiny_cxr_bundle").resolve()
-    assert source.calls == [("tiny_cxr_bundle", tmp_path / "cache" / "bundles")]
-    assert (root / ".cxrgen-verified").is_file()
-    assert read_spec(root).unet_args == tiny.TINY_UNET
-
-    def refuse(name, dest):
-        raise AssertionError("a verified bundle must not be fetched again")
-
-    assert resolve_model("tiny_cxr_bundle", tmp_path / "cache", refuse, expected_md5=expected) == root
-
-
-def test_md5_mismatch_names_the_file_and_is_not_marked_verified(tmp_path, bundle_dir):
-    source = FakeSource(bundle_dir)
-    expected = {"autoencoder.pth": md5(bundle_dir / "models" / "autoencoder.pth"), "diffusion_model.pth": "0" * 32}
-    with pytest.raises(InputError) as info:
-        resolve_model("tiny_cxr_bundle", tmp_path / "cache", source, expected_md5=expected)
-    root = tmp_path / "cache" / "bundles" / "tiny_cxr_bundle"
-    message = str(info.value)
-    assert str(root / "models" / "diffusion_model.pth") in message and "0" * 32 in message
-    assert md5(bundle_dir / "models" / "diffusion_model.pth") in message
-    assert not (root / ".cxrgen-verified").exists()
-    # the next call fetches again instead of trusting the bad copy
-    with pytest.raises(InputError):
-        resolve_model("tiny_cxr_bundle", tmp_path / "cache", source, expected_md5=expected)
-    assert len(source.calls) == 2
-
-
-def test_real_bundle_name_is_checked_against_published_md5(tmp_path, bundle_dir):
-    # a download of the real bundle's name whose files are not the published ones is refused
-    name = "cxr_image_synthesis_latent_diffusion_model"
-    assert set(KNOWN_MD5[name]) == {"autoencoder.pth", "diffusion_model.pth"}
-    with pytest.raises(InputError) as info:
-        resolve_model(name, tmp_path / "cache", FakeSource(bundle_dir))
-    assert "md5" in str(info.value) and "models" in str(info.value)
-    assert not (tmp_path / "cache" / "bundles" / name / ".cxrgen-verified").exists()
-
-
-def test_download_lacking_a_checkpoint_names_it(tmp_path, bundle_dir):
-    src = copy_bundle(bundle_dir, tmp_path / "src")
-    (src / "models" / "autoencoder.pth").unlink()
-    with pytest.raises(InputError) as info:
-        resolve_model("tiny_cxr_bundle", tmp_path / "cache", FakeSource(src),
-                      expected_md5={"autoencoder.pth": "0" * 32})
-    assert "autoencoder.pth" in str(info.value) and "--model" in str(info.value)
-
-
-def test_source_that_fetches_nothing(tmp_path):
-    with pytest.raises(InputError) as info:
-        resolve_model("tiny_cxr_bundle", tmp_path / "cache", lambda name, dest: None, expected_md5={})
-    assert "tiny_cxr_bundle" in str(info.value) and "--model" in str(info.value)
-
-
-def test_failing_source_message_names_what_was_tried_and_the_flag(tmp_path):
-    def offline(name, dest):
-        raise InputError(f"could not download bundle {name!r} (monaihosting: ConnectionError: offline; "
-                         f"huggingface_hub: LocalEntryNotFoundError: offline); download it on a connected "
-                         "machine and pass its folder with --model /path/to/bundle")
-
-    with pytest.raises(InputError) as info:
-        resolve_model("cxr_image_synthesis_latent_diffusion_model", tmp_path / "cache", offline)
-    assert "--model" in str(info.value) and "monaihosting" in str(info.value)
-    assert not (tmp_path / "cache" / "bundles" / "cxr_image_synthesis_latent_diffusion_model").exists()
-
-
-def test_monai_source_offline_names_both_sources_and_the_flag(tmp_path, monkeypatch):
-    import monai.bundle
-
-    tried = []
-
-    def no_network(**kwargs):  # stands in for monai.bundle.download on a machine without network
-        tried.append(kwargs.get("source"))
-        raise ConnectionError("Failed to resolve host\nsecond line of a long traceback")
-
-    monkeypatch.setattr(monai.bundle, "download", no_network)
-    with pytest.raises(InputError) as info:
-        monai_source("cxr_image_synthesis_latent_diffusion_model", tmp_path)
-    message = str(info.value)
-    assert tried == ["monaihosting", "huggingface_hub"]
-    assert "monaihosting" in message and "huggingface_hub" in message and "ConnectionError" in message
-    assert "--model" in message and "\n" not in message
+    open = listing
 
 
 def test_model_path_that_does_not_exist(tmp_path):
     for model in (str(tmp_path / "no_bundle"), "./no_bundle", "some/where"):
         with pytest.raises(InputError) as info:
-            resolve_model(model, tmp_path / "cache", lambda n, d: pytest.fail("must not download"))
+            resolve_model(model, tmp_path / "cache", NoDownload())
         assert "--model" in str(info.value) and model in str(info.value)
 
 
 def test_model_folder_is_used_in_place(tmp_path, bundle_dir):
-    assert resolve_model(str(bundle_dir), tmp_path / "cache", lambda n, d: pytest.fail("no download")) == bundle_dir
+    assert resolve_model(str(bundle_dir), tmp_path / "cache", NoDownload()) == bundle_dir
     assert not (tmp_path / "cache").exists()
 
 
 def test_cache_dir_default():
     assert default_cache_dir({"CXRGEN_HOME": "/data/cxr"}) == "/data/cxr"
     assert default_cache_dir({}).endswith(".cache/cxrgen")
-
-
-def test_generate_with_a_downloaded_bundle(tmp_path, bundle_dir, text_encoder_dir):
-    manifest = tmp_path / "m.csv"
-    manifest.write_text("prompt\nSmall effusion\n")
-    source = FakeSource(bundle_dir)
-    config = RunConfig(manifest=str(manifest), out=str(tmp_path / "out"), model="tiny_cxr_bundle",
-                       text_encoder=str(text_encoder_dir), cache_dir=str(tmp_path / "cache"), steps=1, quiet=True)
-    result = generate(config, bundle_source=source, log=lambda m: None)
-    assert result.written == 1 and len(source.calls) == 1
-    run = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert run["resolved"]["bundle_root"] == str((tmp_path / "cache" / "bundles" / "tiny_cxr_bundle").resolve())
 
 
 # --------------------------------------------------------------------------- text encoder

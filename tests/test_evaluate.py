@@ -55,7 +55,7 @@ def evaluate(*args, weights=None):
 
 
 def summary_of(out: Path) -> dict:
-    return json.loads((out / "evaluation" / "summary.json").read_text())
+    return json.loads((out / "quality" / "summary.json").read_text())
 
 
 def snapshot(*folders: Path) -> dict:
@@ -148,7 +148,7 @@ def test_fid_and_kid_of_a_set_against_itself_are_about_zero(fidelity):
     # The unbiased KID estimator of a set against itself is slightly negative, never far from 0.
     assert abs(s["kid_mean"]) < 0.05 * bright["kid_mean"]
     assert s["fid_biased"] is True  # 12 images: the report must say FID is biased at this size
-    report = (fidelity["same"] / "evaluation" / "report.md").read_text()
+    report = (fidelity["same"] / "quality" / "report.md").read_text()
     assert "FID is biased at this size" in report
 
 
@@ -218,7 +218,7 @@ def labelled(tmp_path_factory, weights):
 
 
 def test_scores_parquet_has_one_row_per_image_with_every_pathology(labelled):
-    scores = pd.read_parquet(labelled["out"] / "evaluation" / "scores.parquet")
+    scores = pd.read_parquet(labelled["out"] / "quality" / "scores.parquet")
     assert list(scores.columns) == ["image_id", *SCORE_COLUMNS, "flags", "accepted"]
     assert len(SCORE_COLUMNS) == 18 and "xrv_Lung_Opacity" in SCORE_COLUMNS
     meta = pd.read_parquet(labelled["out"] / "metadata.parquet")
@@ -230,7 +230,7 @@ def test_scores_parquet_has_one_row_per_image_with_every_pathology(labelled):
 
 
 def test_auroc_median_and_agreement_equal_sklearn_and_numpy_on_the_stored_scores(labelled):
-    scores = pd.read_parquet(labelled["out"] / "evaluation" / "scores.parquet")
+    scores = pd.read_parquet(labelled["out"] / "quality" / "scores.parquet")
     s = summary_of(labelled["out"])
     expected_states = {
         "Pleural Effusion": ("Effusion", [True if v == 1 else False if v == 0 else None for v in EFFUSION]),
@@ -257,13 +257,13 @@ def test_unmapped_label_columns_are_reported_as_not_evaluated(labelled):
     assert s["not_evaluated"] == ["Support Devices", "No Finding"]
     assert s["label_map"] == {"Pleural Effusion": "Effusion", "cardiomegaly": "Cardiomegaly",
                               "my_finding": "Pneumothorax"}
-    report = (labelled["out"] / "evaluation" / "report.md").read_text()
+    report = (labelled["out"] / "quality" / "report.md").read_text()
     assert "Support Devices, No Finding" in report
     assert "not evaluated: Support Devices, No Finding" in labelled["result"].stdout
 
 
 def test_blank_saturated_unreadable_and_label_missing_flags_and_counts_add_up(labelled):
-    scores = pd.read_parquet(labelled["out"] / "evaluation" / "scores.parquet")
+    scores = pd.read_parquet(labelled["out"] / "quality" / "scores.parquet")
     s = summary_of(labelled["out"])
     flags = [set(f.split(",")) - {""} for f in scores["flags"]]
     assert flags[4] >= {"blank"} and "saturated" not in flags[4]
@@ -287,7 +287,7 @@ def test_blank_saturated_unreadable_and_label_missing_flags_and_counts_add_up(la
 
 
 def test_report_summary_and_printed_headline(labelled, weights):
-    out = labelled["out"] / "evaluation"
+    out = labelled["out"] / "quality"
     s = summary_of(labelled["out"])
     assert s["evaluator"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert s["versions"]["torchxrayvision"] and s["versions"]["torchmetrics"] and s["versions"]["cxrgen"]
@@ -316,14 +316,14 @@ def test_rerunning_replaces_outputs_and_drops_stale_plots(tmp_path, weights, hom
     labels = {"effusion": [1, 0, 1, 0], "edema": [0, 1, 0, 1]}
     out = te.make_run(tmp_path / "run", te.images(4, seed=2), labels=labels)
     assert evaluate(out, "--quiet", "--max-pairs", "0", weights=weights).exit_code == 0
-    assert len(list((out / "evaluation").glob("score_*.png"))) == 2
+    assert len(list((out / "quality").glob("score_*.png"))) == 2
     label_map = tmp_path / "map.json"
     label_map.write_text(json.dumps({"edema": None}))  # null: do not evaluate that column
     result = evaluate(out, "--quiet", "--max-pairs", "0", "--label-map", label_map, weights=weights)
     assert result.exit_code == 0, result.output
     s = summary_of(out)
     assert list(s["findings"]) == ["effusion"] and s["not_evaluated"] == ["edema"]
-    assert [p.name for p in (out / "evaluation").glob("score_*.png")] == ["score_00_effusion.png"]
+    assert [p.name for p in (out / "quality").glob("score_*.png")] == ["score_00_effusion.png"]
     assert s["ms_ssim_random"] is None and s["ms_ssim_random_pairs"] == 0
 
 
@@ -370,6 +370,8 @@ def test_real_table_with_paths_labels_and_an_unreadable_file(tmp_path, weights, 
 
 
 def test_weights_are_fetched_once_into_cxrgen_home_through_the_source(tmp_path, weights, home, monkeypatch):
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # conftest's: the CLI would stay offline
+        monkeypatch.delenv(name)
     calls = []
 
     def fake_source(url: str, dest: Path) -> None:
@@ -402,6 +404,9 @@ def test_default_source_downloads_through_a_temporary_name(tmp_path, weights):
 
 
 def test_offline_without_weights_names_the_url_and_where_to_place_the_file(tmp_path, home, monkeypatch):
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # a failing network here, not offline mode
+        monkeypatch.delenv(name)
+
     def offline(url: str, dest: Path) -> None:
         raise OSError("[Errno 101] Network is unreachable")
 
@@ -412,7 +417,7 @@ def test_offline_without_weights_names_the_url_and_where_to_place_the_file(tmp_p
                               str(home / "torchxrayvision" / te.RELEASE_FILE), "--evaluator-weights")
     assert "Network is unreachable" in line
     assert snapshot(tmp_path).keys() - before.keys() <= {str(home), str(home / "torchxrayvision")}
-    assert not (out / "evaluation").exists()
+    assert not (out / "quality").exists()
 
 
 @pytest.mark.parametrize("missing", ["torchxrayvision", "torchmetrics", "sklearn", "matplotlib"])
@@ -420,7 +425,7 @@ def test_missing_extra_says_which_install_command_fixes_it(tmp_path, home, weigh
     monkeypatch.setitem(sys.modules, missing, None)  # makes `import <missing>` fail
     out = te.make_run(tmp_path / "run", te.images(2, seed=2))
     assert_input_error(evaluate(out, weights=weights), 'pip install "cxrgen[evaluate]"', missing)
-    assert not (out / "evaluation").exists()
+    assert not (out / "quality").exists()
 
 
 def test_allow_listed_foreign_class_is_refused_unless_unsafe_pickle_is_asked(tmp_path, weights, home):
@@ -508,7 +513,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, weig
     before = snapshot(tmp_path)
     assert_input_error(evaluate(out, *args, weights=use_weights), *words)
     assert snapshot(tmp_path) == before  # nothing written: no evaluation/, no cache, no weights download
-    assert not (out / "evaluation").exists()
+    assert not (out / "quality").exists()
 
 
 # ------------------------------------------------------------------ 5. units: label values, map, pairs

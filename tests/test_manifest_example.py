@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from typer.testing import CliRunner
 
+from cxrgen.card import front_matter
 from cxrgen.cli import app
 from cxrgen.templates import load_templates
 from cxrgen.tokens import load_counter
@@ -72,12 +73,12 @@ def test_label_table_to_trained_classifier(tmp_path, bundle_dir, text_encoder_di
     check_labels_match_prompts(metadata, templates, {f: f for f in FINDINGS + ["No Finding"]})
     assert metadata["template_id"].notna().all()
 
-    # 3. what `cxrgen evaluate` leaves behind: scores.parquet, and PNG plots in OUT/evaluation/
-    (out / "evaluation").mkdir()
+    # 3. what `cxrgen evaluate` leaves behind: scores.parquet, and PNG plots in OUT/quality/
+    (out / "quality").mkdir()
     accepted = [i != 0 for i in range(len(metadata))]
     pq.write_table(pa.table({"image_id": metadata["image_id"].tolist(), "accepted": accepted}),
-                   out / "evaluation" / "scores.parquet")
-    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(out / "evaluation" / "ms_ssim.png")
+                   out / "quality" / "scores.parquet")
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(out / "quality" / "ms_ssim.png")
 
     # 4. the example, one step per setting at 64 x 64
     train, test = real_set(tmp_path / "real", "train", 9, 0), real_set(tmp_path / "real", "test", 6, 1)
@@ -98,16 +99,17 @@ def test_label_table_to_trained_classifier(tmp_path, bundle_dir, text_encoder_di
 
 
 def test_the_loader_reads_every_labelled_image_despite_split_names(tmp_path):
-    """load_synthetic() names the files, so `evaluation/` and ids like `test-001` stay in the one split."""
+    """load_synthetic() loads the folder by its card, so `quality/` and ids like `test-001` stay in the one split."""
     out = tmp_path / "out"
     (out / "images" / "00000").mkdir(parents=True)
-    (out / "evaluation").mkdir()
+    (out / "quality").mkdir()
     names = ["test-001_0000", "val-002_0000", "edema-00001_0000"]
     for name in names:
         Image.fromarray(np.full((8, 8), 50, dtype=np.uint8)).save(out / "images" / "00000" / f"{name}.png")
-    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(out / "evaluation" / "ms_ssim.png")
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(out / "quality" / "ms_ssim.png")
     pq.write_table(pa.table({"image_id": names, "file_name": [f"images/00000/{n}.png" for n in names],
                              "Edema": [0, 0, 1]}), out / "metadata.parquet")
+    (out / "README.md").write_text(front_matter("png"), encoding="utf-8")  # the part of the card that pins the split
     dataset = load_example().load_synthetic(out, cache_dir=str(tmp_path / "hf-cache"))
     assert dataset["image_id"][:] == names and dataset["Edema"][:] == [0, 0, 1]
     assert dataset[2]["image"].size == (8, 8)

@@ -18,9 +18,10 @@ from cxrgen.run import load_plan
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def plan(rows, *, seed=0, num_images=1, guidance_scale=7.0, negative_prompt="", image_format="png"):
+def plan(rows, *, seed=0, num_images=1, guidance_scale=7.0, negative_prompt="", image_format="png",
+         file_names="index"):
     return make_plan(tuple(rows), seed=seed, num_images=num_images, guidance_scale=guidance_scale,
-                     negative_prompt=negative_prompt, image_format=image_format)
+                     negative_prompt=negative_prompt, image_format=image_format, file_names=file_names)
 
 
 def expected_seed(base: int, row_key: str, k: int) -> int:
@@ -42,8 +43,9 @@ HOSTILE_IDS = [
 ]
 
 
-def test_hostile_ids_give_unique_safe_file_names(tmp_path):
-    items = plan(rows_with_ids(HOSTILE_IDS), num_images=2)
+@pytest.mark.parametrize("file_names", ["id", "index"])
+def test_hostile_ids_give_unique_safe_file_names(tmp_path, file_names):
+    items = plan(rows_with_ids(HOSTILE_IDS), num_images=2, file_names=file_names)
     assert len(items) == 2 * len(HOSTILE_IDS)
     image_ids = [i.image_id for i in items]
     assert len(set(image_ids)) == len(image_ids)
@@ -54,7 +56,7 @@ def test_hostile_ids_give_unique_safe_file_names(tmp_path):
         assert parts[0] == "images" and len(parts) == 3, item.file_name
         assert re.fullmatch(r"\d{5}", parts[1]), item.file_name
         name = parts[2]
-        assert name == f"{item.image_id}.png"
+        assert name == (f"{item.image_id}.png" if file_names == "id" else f"{item.index:08d}.png")
         assert SAFE_NAME.fullmatch(item.image_id), item.image_id
         assert len(name.encode("utf-8")) <= 120, name  # far below every file system's 255-byte limit
     # every file can really be created where the plan says, and none lands outside images/
@@ -69,6 +71,14 @@ def test_hostile_ids_give_unique_safe_file_names(tmp_path):
 def test_hostile_ids_keep_their_raw_value_in_the_plan():
     items = plan(rows_with_ids(HOSTILE_IDS))
     assert [i.row_id for i in items] == HOSTILE_IDS
+
+
+def test_index_file_names_hold_no_manifest_text():
+    """The default layout names files by plan index: an id such as "test-3" never reaches a path, where
+    datasets' imagefolder would read it as a split name."""
+    items = plan(rows_with_ids(["test-3", "val.x", "train"]), num_images=2)
+    assert [i.file_name for i in items] == [f"images/00000/{k:08d}.png" for k in range(6)]
+    assert [i.image_id for i in items][:2] == ["test-3_0000", "test-3_0001"]  # ids still carry the row id
 
 
 def test_case_only_differences_stay_apart():

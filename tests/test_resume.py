@@ -85,8 +85,8 @@ def journal_lines(out: Path) -> list[str]:
     return lines
 
 
-def recorded_ids(out: Path) -> list[str]:
-    """image_id of every complete, valid journal line, duplicates kept."""
+def recorded_ids(out: Path, field: str = "image_id") -> list[str]:
+    """`field` (image_id) of every complete, valid journal line, duplicates kept."""
     ids = []
     for line in journal_lines(out):
         try:
@@ -94,7 +94,7 @@ def recorded_ids(out: Path) -> list[str]:
         except json.JSONDecodeError:
             continue
         if line.endswith("\n"):
-            ids.append(record["image_id"])
+            ids.append(record[field])
     return ids
 
 
@@ -363,7 +363,7 @@ def test_sigterm_and_sigint_finish_what_is_decoded_and_resume(signum, code, spaw
     # batches 1 and 2 were decoded: both are written and journaled, nothing is half-done
     status = inspect_run(out)
     assert (status.done, status.orphaned_files, status.temp_files) == (4, [], [])
-    assert sorted(recorded_ids(out)) == sorted(Path(n).stem for n in image_files(out))
+    assert sorted(recorded_ids(out, "file_name")) == sorted(image_files(out))
     assert cli("resume", out, "--quiet").exit_code == 0
     assert_same_dataset(out, reference)
 
@@ -439,10 +439,10 @@ class _FailingFile:
         self._handle.close()
 
 
-FAILING_IMAGE = "images/00000/row0000002_0000.jpg"  # first image of batch 2
+FAILING_IMAGE, FAILING_ID = "images/00000/00000002.jpg", "row0000002_0000"  # first image of batch 2
 IO_FAULTS = {
     # where: (which file fails, on which write call)
-    "image": (lambda name: name.startswith(".row0000002_0000.jpg" + TMP_MARK), 1),
+    "image": (lambda name: name.startswith(".00000002.jpg" + TMP_MARK), 1),
     "journal": (lambda name: name == "part-main.jsonl", 2),  # batch 2's records
 }
 
@@ -480,7 +480,7 @@ def test_full_disk_or_io_error_ends_cleanly_then_resume_completes(where, err, vi
     ids = recorded_ids(out)
     assert len(ids) == len(set(ids)) and 2 <= len(ids) < PLANNED
     if where == "image":
-        assert FAILING_IMAGE not in image_files(out) and Path(FAILING_IMAGE).stem not in ids
+        assert FAILING_IMAGE not in image_files(out) and FAILING_ID not in ids
     status = inspect_run(out)
     assert status.done == len(ids) and status.missing_files == []  # every record's file is in place
     assert cli("resume", out, "--quiet").exit_code == 0
@@ -543,6 +543,27 @@ def test_generate_again_with_the_same_settings_resumes_and_says_so(finished, arg
     assert result.exit_code == 0, result.output
     assert f"resuming the run in {finished}: 4 of {PLANNED} image(s) already done" in result.output
     assert_same_dataset(finished, reference)
+
+
+def test_a_run_of_cxrgen_before_0_2_keeps_its_id_file_names(args, reference, tmp_path):
+    """run.json without file_names (cxrgen < 0.2 named files after the image id): resume and generate keep that
+    layout, so the images already made are found and the rest land beside them."""
+    out = tmp_path / "old"
+    assert cli(*args(out, "--file-names", "id")).exit_code == 0
+    saved = json.loads((out / "run.json").read_text())
+    del saved["config"]["file_names"], saved["settings"]["file_names"]
+    (out / "run.json").write_text(json.dumps(saved))
+    names = pq.read_table(out / "metadata.parquet").column("file_name").to_pylist()
+    assert names[2] == "images/00000/row0000002_0000.jpg"
+    (out / names[2]).unlink()
+    assert cli("resume", out, "--quiet").exit_code == 0
+    assert pq.read_table(out / "metadata.parquet").column("file_name").to_pylist() == names
+    (out / names[3]).unlink()
+    assert cli(*args(out)).exit_code == 0  # generate's default (index) yields to the folder's layout
+    assert image_files(out) == set(names)
+    new = pq.read_table(reference / "metadata.parquet")
+    for old_name, new_name in zip(names, new.column("file_name").to_pylist()):  # same pixels, other names
+        assert (out / old_name).read_bytes() == (reference / new_name).read_bytes()
 
 
 def test_resume_refuses_pixel_changing_overrides(finished):

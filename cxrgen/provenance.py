@@ -1,0 +1,73 @@
+"""The synthetic-image marker inside every file: one JSON object in a JPEG comment or a PNG iTXt chunk.
+
+A file copied out of its folder still says that it is synthetic, what made it and how (docs: README,
+"Provenance inside every file"). Read it back with `read_provenance(path)` or Pillow: `Image.open(f).info`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+GENERATOR = "cxrgen"
+NOTICE = ("Synthetic chest X-ray made by a diffusion model; not an image of a real patient. "
+          "Research use only, not for clinical use.")
+PNG_KEY = "Comment"  # the PNG spec's keyword for free text: exiftool and viewers show it as they show a JPEG comment
+_JPEG_LIMIT = 65533  # bytes one JPEG COM segment holds
+
+# Metadata columns copied into the marker, in this order (a fixed order keeps a resumed file byte-identical).
+ROW_FIELDS = ("image_id", "seed", "prompt", "negative_prompt", "guidance_scale", "steps", "scheduler",
+              "model_name", "model_version", "autoencoder_md5", "diffusion_model_md5")
+
+
+def provenance_of(row: dict) -> dict:
+    """The marker of one image from its metadata row (a journal record or a metadata.parquet row)."""
+    marker = {"synthetic": True, "notice": NOTICE, "generator": GENERATOR,
+              "generator_version": row["cxrgen_version"]}
+    marker.update((name, row[name]) for name in ROW_FIELDS)
+    return marker
+
+
+def encode_provenance(marker: dict) -> str:
+    """Compact, deterministic JSON (no timestamps, fixed key order), ASCII so any tool prints it.
+
+    Prompts too long for a JPEG comment segment (64 KB) are shortened to fit, with "prompt_cut": true;
+    the full prompts stay in metadata.parquet.
+    """
+    text = json.dumps(marker, separators=(",", ":"))
+    if len(text) <= _JPEG_LIMIT:
+        return text
+    cut = dict(marker, prompt_cut=True)
+    while len(text := json.dumps(cut, separators=(",", ":"))) > _JPEG_LIMIT:
+        longest = max(("prompt", "negative_prompt"), key=lambda name: len(cut[name]))
+        # each character takes one to twelve bytes escaped: dropping `excess` characters always makes progress
+        cut[longest] = cut[longest][:max(0, len(cut[longest]) - (len(text) - _JPEG_LIMIT))]
+    return text
+
+
+def save_options(marker: dict | None, image_format: str) -> dict:
+    """Pillow save() keyword arguments that embed the marker (none when marker is None)."""
+    if marker is None:
+        return {}
+    text = encode_provenance(marker)
+    if image_format == "png":
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_itxt(PNG_KEY, text)
+        return {"pnginfo": info}
+    return {"comment": text.encode("ascii")}
+
+
+def read_provenance(path: str | Path) -> dict | None:
+    """The marker of an image file, or None when it has none (e.g. an image made by an older cxrgen)."""
+    with Image.open(path) as image:
+        value = image.info.get("comment") or image.info.get(PNG_KEY)
+    if value is None:
+        return None
+    try:
+        marker = json.loads(value.decode("utf-8") if isinstance(value, bytes) else value)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("generator") == GENERATOR else None
