@@ -157,7 +157,7 @@ def generate(
             num_images=num_images, guidance_scale=guidance_scale, negative_prompt=negative_prompt, seed=seed,
             steps=steps, scheduler=scheduler, batch_size=batch_size, decode_batch_size=decode_batch_size,
             device=device, dtype=dtype, channels_last=channels_last, compile=compile, image_format=image_format,
-            jpeg_quality=jpeg_quality, file_names=file_names, workers=workers, quiet=quiet,
+            jpeg_quality=jpeg_quality, file_names=file_names, workers=workers, quiet=quiet, verbose=verbose,
             offline=_network(offline, verbose),
             **({} if rank_wait is None else {"rank_wait": rank_wait}),
         )
@@ -205,7 +205,7 @@ def resume(
         result = run_resume(out, rank=share, batch_size=batch_size,
                             decode_batch_size=decode_batch_size, device=device, workers=workers,
                             cache_dir=str(cache_dir.resolve()) if cache_dir else None, rank_wait=rank_wait,
-                            verify=verify, quiet=quiet, offline=_network(offline, verbose))
+                            verify=verify, quiet=quiet, verbose=verbose, offline=_network(offline, verbose))
     except CxrgenError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -678,7 +678,7 @@ def main() -> None:
     except click_exc.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except click_exc.Abort:
+    except typer.Abort:  # typer raises its own Abort (its vendored click has none)
         typer.echo("Aborted!", err=True)
         sys.exit(1)
     sys.exit(code or 0)

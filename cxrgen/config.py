@@ -61,12 +61,13 @@ class RunConfig:
     jpeg_quality: int = 95  # JPEG quality 1-95, ignored for png
     # "index": images/00000/00000042.jpg, no manifest text in any path, so tools that read split names from
     # paths (datasets' imagefolder takes "test-3.jpg" for a test split) see one dataset; "id":
-    # images/00000/<image_id>.jpg, the only layout of runs made before cxrgen 0.2 (their run.json lacks it).
+    # images/00000/<image_id>.jpg, the only layout of earlier cxrgen builds (their run.json lacks this field).
     file_names: str = "index"
     workers: int = 1  # worker processes on this machine (CPU: N processes; CUDA: one per device)
     rank_wait: float = 60.0  # seconds a rank whose share is done waits at least for other ranks to start
     verify: bool = False  # at start, re-read, checksum and decode every recorded image (else one stat each)
     quiet: bool = False  # no progress bar or summary
+    verbose: bool = False  # let MONAI's and transformers' own log lines through, in worker processes too
     offline: bool = False  # never touch the network: models must be in cache_dir (`cxrgen download`) or folders
 
     def __post_init__(self) -> None:

@@ -22,7 +22,7 @@ from typing import Callable
 from cxrgen import __version__
 from cxrgen.config import (BUNDLE_VERSIONS, DEFAULT_MODEL, DEFAULT_TEXT_ENCODER, TEXT_ENCODER_MIRROR,
                            TEXT_ENCODER_REVISION, split_ref)
-from cxrgen.errors import CxrgenError, InputError
+from cxrgen.errors import CxrgenError, InputError, RunError
 from cxrgen.sources import Listing, RemoteFile, Source, WebSource, content_total, hosting_url
 from cxrgen.store import write_json
 
@@ -181,7 +181,7 @@ def _write_marker(component: Component, source: str, revision: str, files: dict)
 def stage(component: Component, source: Source | None = None, *, offline: bool = False, progress: bool = True,
           log: Log | None = None) -> Path:
     """The component's folder, downloaded and verified first unless it already is; one process at a time."""
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     if is_staged(component):
         return component.folder
@@ -189,14 +189,19 @@ def stage(component: Component, source: Source | None = None, *, offline: bool =
         raise offline_error(component)
     source = source or WebSource()
     locks = component.folder.parent / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(locks / f"{component.folder.name}.lock"))
     try:
-        lock.acquire(timeout=0)
-    except Exception:  # noqa: BLE001 - filelock.Timeout: another process (rank) is downloading it
-        if log:
-            log(f"cxrgen: waiting for another process downloading the {component.kind} {component.ref}")
-        lock.acquire()
+        locks.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(locks / f"{component.folder.name}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:  # another process (rank) is downloading it
+            if log:
+                log(f"cxrgen: waiting for another process downloading the {component.kind} {component.ref}")
+            lock.acquire()
+    except OSError as exc:  # a read-only cache, or a file where a folder should be
+        raise RunError(f"cannot write to the cache {locks.parent}: {os.strerror(exc.errno) if exc.errno else exc}; "
+                       "give a writable --cache-dir (or set $CXRGEN_HOME), or run "
+                       f"`{component.command}` where the cache can be written") from None
     try:
         # 1. another process may have finished while this one waited: use its result
         if is_staged(component):
@@ -260,9 +265,6 @@ def _from_archive(component: Component, source: Source, failure: Unavailable, pr
                   log: Log | None) -> tuple[str, str, dict]:
     url = component.archive
     zip_path = component.folder / url.rsplit("/", 1)[-1]
-    if log and progress:
-        log(f"cxrgen: the hub does not serve the {component.kind} {component.ref} ({failure.reasons}); "
-            f"downloading its zip from {url}")
     component.folder.mkdir(parents=True, exist_ok=True)
     try:
         fetch_file(source, RemoteFile(zip_path.name, url), zip_path, component, progress)
@@ -283,6 +285,9 @@ def _from_archive(component: Component, source: Source, failure: Unavailable, pr
         zip_path.unlink(missing_ok=True)  # the same bytes would fail again: fetch it anew next time
         raise
     zip_path.unlink()  # every file is out and verified
+    if log and progress:  # said only now: where both sources fail, the one error line is all a user sees
+        log(f"cxrgen: the hub does not serve the {component.kind} {component.ref} ({failure.reasons}); "
+            f"took it from {url}")
     return url, component.revision, files
 
 

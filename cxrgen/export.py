@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from cxrgen.card import write_card
 from cxrgen.errors import InputError
 from cxrgen.state import read_run_json
-from cxrgen.store import EVAL_DIR, TMP_MARK, atomic_write, fsync_dir, io_error
+from cxrgen.store import EVAL_DIR, TMP_MARK, atomic_write, fsync_dir, inside, io_error
 
 FORMATS = ("webdataset", "imagefolder")
 DEFAULT_SHARD_SIZE = 1_000_000_000  # bytes: WebDataset's usual ~1 GB shards
@@ -32,6 +32,8 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k
           "gib": 2**30, "tib": 2**40}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
 _TAR_BLOCK = 512
+_KEY_SAFE = re.compile(r"[A-Za-z0-9_-]+")  # cxrgen's own ids, dots aside
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ def export_run(options: ExportOptions) -> ExportResult:
     _check_target(out, to)
     table = pq.read_table(out / "metadata.parquet")
     total = table.num_rows
+    for name in table.column("file_name").to_pylist():
+        inside(out, name)  # never pack, nor link to, a file outside the run
     if options.accepted_only:
         table = table.filter(pc.is_in(table.column("image_id"), value_set=_accepted_ids(out, table)))
     # 2. build in a hidden sibling folder, then rename it into place
@@ -125,14 +129,15 @@ def _accepted_ids(out: Path, table: pa.Table) -> pa.Array:
 
 
 def sample_key(image_id: str) -> str:
-    """The WebDataset key of an image: its id, with dots replaced (readers split names at the first dot).
+    """The WebDataset key of an image: its id, every character but A-Z, a-z, 0-9, `_` and `-` replaced.
 
-    An id that held a dot gets a short hash of itself, so `a.b_0000` and `a_b_0000` stay two keys; the json
+    Dots because readers split names at the first dot; slashes because a member must not leave its folder.
+    An id that held one gets a short hash of itself, so `a.b_0000` and `a_b_0000` stay two keys; the json
     always carries the original image_id.
     """
-    if "." not in image_id:
+    if _KEY_SAFE.fullmatch(image_id):
         return image_id
-    return f"{image_id.replace('.', '_')}-{hashlib.sha256(image_id.encode('utf-8')).hexdigest()[:8]}"
+    return f"{_KEY_UNSAFE.sub('_', image_id)}-{hashlib.sha256(image_id.encode('utf-8')).hexdigest()[:8]}"
 
 
 def _rows(table: pa.Table):

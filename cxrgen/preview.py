@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin, features
 
 from cxrgen.errors import InputError, RunError
-from cxrgen.store import EVAL_DIR, METADATA_SCHEMA, atomic_write, io_error, resume_command, write_json
+from cxrgen.store import EVAL_DIR, METADATA_SCHEMA, atomic_write, inside, io_error, resume_command, write_json
 
 PREVIEW_DIR = "preview"
 THUMBS_DIR = "thumbs"
@@ -133,10 +133,8 @@ def _read_scores(out: Path) -> dict[str, dict] | None:
 
 def _thumb_name(out: Path, file_name: str) -> str:
     """thumbs/<path under images/>.jpg; refuses a file_name that leaves OUT."""
+    inside(out, file_name)
     path = PurePosixPath(file_name)
-    if path.is_absolute() or ".." in path.parts or not path.parts:
-        raise InputError(f"metadata.parquet names the file {file_name!r}, outside {out}; "
-                         "file_name must be a path relative to OUT")
     parts = path.parts[1:] if len(path.parts) > 1 and path.parts[0] == "images" else path.parts
     return str(PurePosixPath(THUMBS_DIR, *parts).with_suffix(".jpg"))
 

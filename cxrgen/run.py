@@ -95,7 +95,7 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
     out, state = Path(config.out), Path(config.out) / STATE_DIR
     saved = _check_out_folder(out)
     if saved is not None and "file_names" not in saved["config"]:
-        config = dataclasses.replace(config, file_names=LEGACY_DEFAULTS["file_names"])  # a run of cxrgen < 0.2
+        config = dataclasses.replace(config, file_names=LEGACY_DEFAULTS["file_names"])  # made by an earlier cxrgen
     manifest, plan = load_plan(config)
     FolderLock(state, shared=rank is not None).check_free()  # refuse a second writer before loading
     devices = _devices(config, rank)
@@ -346,6 +346,9 @@ def worker_main(config: RunConfig, bundle_root: str, device: str, dtype: str, na
     parent = os.getppid()
     orphaned = lambda: os.getppid() != parent  # noqa: E731 - the parent died: stop, never race a resume
     try:
+        from cxrgen.download import quiet_library_logs
+
+        quiet_library_logs(config.verbose)  # a spawned process starts with the libraries' own logging set-up
         if device == "cpu":
             torch.set_num_threads(threads)  # its share of the cores: workers must not fight over them
         bundle, text = load_models(config, bundle_root, device)

@@ -10,13 +10,13 @@ import secrets
 import shlex
 import socket
 import zlib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from cxrgen.errors import RunError
+from cxrgen.errors import InputError, RunError
 
 STATE_DIR = ".cxrgen"  # journal, lock and claims live here, beside images/
 # `cxrgen evaluate`'s folder. Not "evaluation": datasets' imagefolder reads eval/evaluation/test/val/train in
@@ -79,6 +79,15 @@ def io_error(path: Path, exc: OSError) -> RunError:
     reason = os.strerror(exc.errno) if exc.errno else str(exc)
     return RunError(f"cannot write {path}: {reason}; fix the problem, then run "
                     f"`{resume_command(_run_root(path))}`")
+
+
+def inside(out: Path, file_name: str) -> Path:
+    """out / file_name, refusing a file_name that is absolute or climbs out of OUT (a table may come from anywhere)."""
+    path = PurePosixPath(file_name)
+    if path.is_absolute() or ".." in path.parts or not path.parts:
+        raise InputError(f"metadata.parquet names the file {file_name!r}, outside {out}; "
+                         "file_name must be a path relative to OUT")
+    return out / file_name
 
 
 def resume_command(out: Path | str) -> str:

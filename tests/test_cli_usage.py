@@ -33,3 +33,25 @@ def test_help_version_and_bare_commands_still_print_help():
     assert group.returncode == 2 and "from-labels" in group.stdout + group.stderr
     assert help_.returncode == 0 and "Example: cxrgen download" in help_.stdout
     assert version.returncode == 0 and version.stdout.startswith("cxrgen ")
+
+
+@pytest.mark.parametrize("raised, code, words", [
+    (EOFError, 1, ["Aborted!"]),  # what Typer turns a closed stdin into (typer.Abort)
+    (RuntimeError, None, []),  # a bug: its own traceback, not one of main's
+])
+def test_aborts_and_unexpected_errors_leave_main_as_themselves(monkeypatch, capsys, raised, code, words):
+    import cxrgen.cache_info
+    from cxrgen.cli import main
+
+    def fail(*args, **kwargs):
+        raise raised("stopped")
+
+    monkeypatch.setattr(cxrgen.cache_info, "cache_report", fail)
+    monkeypatch.setattr(sys, "argv", ["cxrgen", "info"])
+    if code is None:
+        with pytest.raises(raised, match="stopped"):
+            main()
+        return
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == code and capsys.readouterr().err.strip() in words

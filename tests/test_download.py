@@ -27,7 +27,7 @@ from cxrgen.cli import app
 from cxrgen.config import (DEFAULT_MODEL, DEFAULT_TEXT_ENCODER, TEXT_ENCODER_MIRROR, RunConfig, canonical_dtype)
 from cxrgen.download import (BUNDLE_FILES, MARKER, TEXT_ENCODER_FILES, bundle_component, is_staged, read_marker, stage,
                              text_encoder_component)
-from cxrgen.errors import InputError
+from cxrgen.errors import InputError, RunError
 from cxrgen.sources import WebSource, hosting_url
 from cxrgen.text import load_text_encoder
 from fake_hub import COMMIT, FolderSource, commit_of
@@ -253,6 +253,37 @@ def test_library_log_lines_reach_the_terminal_only_with_verbose(mode):
         assert "input summary" in printed and "monai warning" in printed and "transformers warning" in printed
 
 
+WORKERS_SCRIPT = textwrap.dedent("""
+    import sys
+    import tiny
+    from cxrgen.config import RunConfig
+    from cxrgen.download import quiet_library_logs
+    from cxrgen.run import generate
+    mode, manifest, out, model, text = sys.argv[1:]
+    quiet_library_logs(verbose=mode == "verbose")  # what the CLI does in its own process
+    config = RunConfig(manifest=manifest, out=out, model=model, text_encoder=text, steps=1, device="cpu",
+                       workers=2, batch_size=1, quiet=True, verbose=mode == "verbose")
+    assert generate(config, engine_hook=tiny.log_library_lines).complete
+""")
+
+
+@pytest.mark.parametrize("mode", ["quiet", "verbose"])
+def test_worker_processes_keep_library_log_lines_off_the_terminal_too(mode, tmp_path, bundle_dir, text_encoder_dir):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("prompt\nbig heart\nclear chest\n")
+    done = subprocess.run([sys.executable, "-c", WORKERS_SCRIPT, mode, str(manifest), str(tmp_path / "out"),
+                           str(bundle_dir), str(text_encoder_dir)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    assert done.returncode == 0, done.stderr
+    printed = done.stdout + done.stderr
+    monai = set(re.findall(r"monai warning from (\S+)", printed))
+    transformers = set(re.findall(r"transformers warning from (\S+)", printed))
+    if mode == "verbose":  # the hook ran in both worker processes, and both loggers reached stderr
+        assert len(monai) == len(transformers) == 2 and monai == transformers, printed
+    else:
+        assert monai == transformers == set(), printed
+
+
 def test_dtype_spellings_of_other_tools(tmp_path):
     for spelling, canonical in (("fp32", "float32"), ("bf16", "bfloat16"), ("FP16", "float16"), ("half", "float16"),
                                 ("bfloat16", "bfloat16"), ("auto", "auto")):
@@ -365,10 +396,11 @@ def test_zip_members_outside_the_bundle_folder_are_never_written(tmp_path, bundl
 
 def test_both_sources_failing_is_one_line_naming_both_and_the_fixes(tmp_path):
     source = FolderSource(tmp_path / "hub")  # neither the repo nor the zip
+    logged = []
     with pytest.raises(InputError) as info:
-        stage(bundle_component(DEFAULT_MODEL, tmp_path / "cache"), source, progress=False)
+        stage(bundle_component(DEFAULT_MODEL, tmp_path / "cache"), source, progress=True, log=logged.append)
     message = str(info.value)
-    assert "\n" not in message
+    assert "\n" not in message and logged == []  # the error is the only line a user sees
     for part in (BUNDLE_REPO, "no revision 1.0.2", ZIP_URL, "FileNotFoundError", "--model", "cxrgen download",
                  "network"):
         assert part in message, part
@@ -531,3 +563,14 @@ def test_hub_listing_token_and_range_through_the_cdn_redirect(tmp_path, servers,
     assert not any("authorization" in h for _, h in cdn.seen)
     assert [h.get("range") for h in cdn.requests(f"/blob/{big}")] == [None, "bytes=1000-"]
     assert "docs/README.md" not in str(cdn.seen)  # listed by the hub, not needed, not fetched
+
+
+def test_a_cache_that_cannot_be_written_is_one_line_naming_it(tmp_path, hub):
+    """A read-only or mistyped --cache-dir (here a file) is an error of cxrgen's family, not a traceback."""
+    cache = tmp_path / "cache"
+    cache.write_text("a file, not a folder")
+    with pytest.raises(RunError) as info:  # the library call of `cxrgen download`
+        download(cache, source=hub, progress=False)
+    message = str(info.value)
+    assert "\n" not in message and str(cache) in message and "--cache-dir" in message and "CXRGEN_HOME" in message
+    assert hub.calls() == []  # refused before asking the source

@@ -233,3 +233,43 @@ def test_imagefolder_export_of_everything_and_refusals(run, meta, tmp_path):
     result = invoke("export", run, "--to", tmp_path / "x", "--shard-size", "big")
     assert result.exit_code == 2 and re.search(r"--shard-size 'big' is not a size", result.stderr)
     assert not (tmp_path / "x").exists() and not (run / "sub").exists()
+
+
+# ------------------------------------------------------------------------------------------------ hostile tables
+
+
+def with_row_zero(run: Path, tmp_path: Path, column: str, value: str) -> Path:
+    """A copy of the run whose metadata.parquet has `value` in `column` of its first row."""
+    import shutil
+
+    copy = Path(shutil.copytree(run, tmp_path / "hostile", ignore=shutil.ignore_patterns("quality", "preview")))
+    table = pq.read_table(copy / "metadata.parquet")
+    values = table.column(column).to_pylist()
+    table = table.set_column(table.schema.get_field_index(column), column, pa.array([value, *values[1:]]))
+    pq.write_table(table, copy / "metadata.parquet")
+    return copy
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "imagefolder"])
+@pytest.mark.parametrize("name", ["../secret.jpg", "images/../../secret.jpg", "ABSOLUTE"])
+def test_a_file_name_outside_the_run_is_refused_and_nothing_read_or_written(run, tmp_path, fmt, name):
+    """metadata.parquet may come from anywhere: a file_name leaving OUT must neither be packed into a shard
+    (the secret would travel with it) nor decide where a hard link is made."""
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(b"not for export")
+    name = str(secret) if name == "ABSOLUTE" else name
+    copy = with_row_zero(run, tmp_path, "file_name", name)
+    result = invoke("export", copy, "--format", fmt, "--to", tmp_path / "to")
+    assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0, result.output
+    assert name in result.stderr and "relative to OUT" in result.stderr
+    assert not (tmp_path / "to").exists() and secret.read_bytes() == b"not for export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hostile", "secret.jpg"]  # no staging folder left
+
+
+@pytest.mark.parametrize("image_id", ["/tmp/evil_0000", "../../evil_0000", "a\\b_0000", "a/b_0000"])
+def test_sample_keys_never_hold_a_path(image_id):
+    """A tar member named from a hostile image_id must not land outside the folder a shard is unpacked in."""
+    key = sample_key(image_id)
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", key), key
+    assert key != sample_key(image_id.replace("/", "_").replace("\\", "_"))  # still one key per id
+    assert sample_key("row0000001_0000") == "row0000001_0000"  # cxrgen's own ids are kept as they are

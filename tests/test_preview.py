@@ -204,3 +204,29 @@ def test_a_file_name_outside_the_folder_is_refused(tmp_path):
     table = pq.read_table(out / "metadata.parquet")
     pq.write_table(table.set_column(1, "file_name", [["../../etc/passwd"]]), out / "metadata.parquet")
     assert_input_error(preview(out), "../../etc/passwd", "relative to OUT")
+
+
+def test_a_remake_at_another_size_that_stops_midway_leaves_no_mixed_thumbnails(run, monkeypatch):
+    """A remake at --thumb-size 64 cut short (full disk, Ctrl-C) must not let a later run at 128 keep the 64s."""
+    import cxrgen.preview as module
+    from cxrgen.errors import RunError
+
+    assert build_preview(run).thumbs_made == 7
+    real, made = module._make_thumb, []
+
+    def stops_after_three(source, target, size):
+        if len(made) == 3:
+            raise RunError(f"no space left on the device while writing {target}")
+        made.append(target)
+        return real(source, target, size)
+
+    monkeypatch.setattr(module, "_make_thumb", stops_after_three)
+    with pytest.raises(RunError):
+        build_preview(run, thumb_size=64, workers=1)
+    monkeypatch.undo()
+    assert len(made) == 3  # three thumbnails are now 64 pixels wide
+    result = build_preview(run)
+    thumbs = sorted((run / "preview" / "thumbs").rglob("*.jpg"))
+    assert {max(Image.open(p).size) for p in thumbs} == {128} and len(thumbs) == 7
+    assert {tuple(image["w"] for image in embedded(result.index)["images"])} != set() and \
+        max(max(i["w"], i["h"]) for i in embedded(result.index)["images"]) == 128

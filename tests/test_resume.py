@@ -545,8 +545,8 @@ def test_generate_again_with_the_same_settings_resumes_and_says_so(finished, arg
     assert_same_dataset(finished, reference)
 
 
-def test_a_run_of_cxrgen_before_0_2_keeps_its_id_file_names(args, reference, tmp_path):
-    """run.json without file_names (cxrgen < 0.2 named files after the image id): resume and generate keep that
+def test_a_run_of_an_earlier_cxrgen_keeps_its_id_file_names(args, reference, tmp_path):
+    """run.json without file_names (earlier cxrgen builds named files after the image id): resume and generate keep that
     layout, so the images already made are found and the rest land beside them."""
     out = tmp_path / "old"
     assert cli(*args(out, "--file-names", "id")).exit_code == 0

@@ -155,6 +155,17 @@ def fail_at_start_in_w1(engine, name: str):
     return engine
 
 
+def log_library_lines(engine, name: str):
+    """engine_hook for tests: a worker's MONAI and transformers loggers each log a warning."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    logging.getLogger("monai.bundle").warning(f"monai warning from {name}")
+    hf_logging.get_logger("transformers.modeling_utils").warning(f"transformers warning from {name}")
+    return engine
+
+
 def record_threads(engine, name: str, folder: str = ""):
     """engine_hook for tests: each worker writes its torch intra-op thread count to folder/<name>."""
     import torch
