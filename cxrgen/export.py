@@ -34,6 +34,7 @@ _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
 _TAR_BLOCK = 512
 _KEY_SAFE = re.compile(r"[A-Za-z0-9_-]+")  # cxrgen's own ids, dots aside
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_KEY_MAX = 90  # characters; cxrgen's own ids have at most 78
 
 
 @dataclass(frozen=True)
@@ -135,9 +136,10 @@ def sample_key(image_id: str) -> str:
     An id that held one gets a short hash of itself, so `a.b_0000` and `a_b_0000` stay two keys; the json
     always carries the original image_id.
     """
-    if _KEY_SAFE.fullmatch(image_id):
+    if _KEY_SAFE.fullmatch(image_id) and len(image_id) <= _KEY_MAX:
         return image_id
-    return f"{_KEY_UNSAFE.sub('_', image_id)}-{hashlib.sha256(image_id.encode('utf-8')).hexdigest()[:8]}"
+    # cut to fit a USTAR member name (100 bytes) with its `.json`: ids from tables made elsewhere may be long
+    return f"{_KEY_UNSAFE.sub('_', image_id)[:_KEY_MAX - 9]}-{hashlib.sha256(image_id.encode('utf-8')).hexdigest()[:8]}"
 
 
 def _rows(table: pa.Table):
@@ -177,6 +179,7 @@ def _write_shards(out: Path, table: pa.Table, folder: Path, shard_size: int) -> 
             # blocks, padded to whole 10 KiB records)
             if tar is None or (used and _finished_size(used + size) > shard_size):
                 _close_shard(tar, handle)
+                tar = None  # closed: if the next shard cannot be opened, `finally` must not close it again
                 names.append(f"train-{len(names):06d}.tar")
                 handle = open(folder / names[-1], "wb")
                 tar, used = tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT), 0

@@ -27,7 +27,7 @@ from cxrgen.store import EVAL_DIR, METADATA_SCHEMA, atomic_write, inside, io_err
 
 PREVIEW_DIR = "preview"
 THUMBS_DIR = "thumbs"
-SHEET_PATTERN = re.compile(r"^prompt-\d{5}-[0-9a-f]{8}-\d+\.png$")
+SHEET_PATTERN = re.compile(r"^prompt-\d{5,}-[0-9a-f]{8}-\d+\.png$")  # 100,000+ prompts: 6+ digits
 THUMB_QUALITY = 85
 PAD = 6  # pixels around tiles and captions on a contact sheet
 _STAMP = "settings.json"  # thumbnail size and quality: a change makes every thumbnail stale
@@ -147,6 +147,9 @@ def _stale_thumbs(out: Path, rows: list[dict], thumbs: list[str], thumb_size: in
     except (OSError, ValueError):
         same = False
     if not same:
+        # every thumbnail is remade: until the new stamp is written at the end, none is trusted (an interrupted
+        # remake at another size must not leave thumbnails that a later run takes as up to date)
+        stamp.unlink(missing_ok=True)
         return list(range(len(rows)))
     stale = []
     for i, (row, thumb) in enumerate(zip(rows, thumbs)):

@@ -273,3 +273,14 @@ def test_sample_keys_never_hold_a_path(image_id):
     assert re.fullmatch(r"[A-Za-z0-9_-]+", key), key
     assert key != sample_key(image_id.replace("/", "_").replace("\\", "_"))  # still one key per id
     assert sample_key("row0000001_0000") == "row0000001_0000"  # cxrgen's own ids are kept as they are
+
+
+def test_long_image_ids_give_keys_a_tar_member_name_can_hold(tmp_path):
+    """Ids from tables made elsewhere may exceed USTAR's 100-byte names: keys are cut, hashed, still distinct."""
+    own = "x" * 64 + "-0123abcd_0000"  # the longest id cxrgen makes itself: kept
+    ids = [own, "a" * 200 + "_0000", "a" * 200 + "_0001", "b" * 95]
+    keys = [sample_key(i) for i in ids]
+    assert keys[0] == own and len(set(keys)) == 4 and all(len(f"{k}.json") <= 100 for k in keys), keys
+    with tarfile.open(tmp_path / "t.tar", "w", format=tarfile.USTAR_FORMAT) as tar:  # the format shards use
+        for key in keys:
+            tar.addfile(tarfile.TarInfo(f"{key}.json"))
