@@ -28,8 +28,9 @@ from tqdm import tqdm
 from cxrgen import __version__
 from cxrgen import eval_metrics as em
 from cxrgen.errors import InputError, RunError
-from cxrgen.evaluator import (FEATURES, RELEASE, Evaluator, WeightsSource, load_evaluator, prepare, release_info,
+from cxrgen.evaluator import (FEATURES, RELEASE, Evaluator, load_evaluator, prepare, release_info,
                               require_extra, resolve_weights)
+from cxrgen.sources import Source
 from cxrgen.state import read_run_json
 from cxrgen.store import EVAL_DIR, METADATA_SCHEMA, atomic_write, resume_command
 
@@ -121,7 +122,7 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
-def evaluate_run(options: EvalOptions, *, weights_source: WeightsSource | None = None) -> EvalResult:
+def evaluate_run(options: EvalOptions, *, weights_source: Source | None = None) -> EvalResult:
     """Evaluate the finished run in options.out and write OUT/quality/ (see the module docstring)."""
     started = time.monotonic()
     # 1. check every input before loading the network or writing anything
@@ -137,7 +138,8 @@ def evaluate_run(options: EvalOptions, *, weights_source: WeightsSource | None =
     device = _device(options.device)
     if options.batch_size == 0:
         options = dataclasses.replace(options, batch_size=64 if device.startswith("cuda") else 8)
-    weights = resolve_weights(options.evaluator_weights, options.cache_dir, weights_source, offline=options.offline)
+    weights = resolve_weights(options.evaluator_weights, options.cache_dir, weights_source, offline=options.offline,
+                              progress=not options.quiet)
     evaluator = load_evaluator(weights, device, options.unsafe_pickle)
     timings = {"load_s": time.monotonic() - started}  # extras imported, inputs checked, network loaded
 

@@ -13,13 +13,13 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
 from cxrgen.errors import InputError
+from cxrgen.sources import Source
 from cxrgen.store import file_digest
 
 RELEASE = "densenet121-res224-all"  # torchxrayvision's name of the weights trained on every dataset
@@ -28,9 +28,6 @@ FEATURES = 1024  # width of DenseNet-121's features2 output
 EXTRA_HINT = 'pip install "cxrgen[evaluate]"'
 # Modules of the `evaluate` extra, by import name (what pip calls them differs only for scikit-learn).
 EXTRA_MODULES = ("torchxrayvision", "torchmetrics", "sklearn", "matplotlib")
-
-# A source fetches URL into the file DEST (tests inject a local fake; see http_source).
-WeightsSource = Callable[[str, Path], None]
 
 
 def require_extra() -> None:
@@ -65,18 +62,14 @@ def release_info() -> dict:
             "op_threshs": list(entry["op_threshs"])}
 
 
-def http_source(url: str, dest: Path) -> None:
-    """Download url to dest through dest.part, resuming a cut download, with a progress bar."""
-    from cxrgen.download import RemoteFile, WebSource, evaluator_component, fetch_file
+def resolve_weights(weights: str | Path | None, cache_dir: str | Path, source: Source | None = None, *,
+                    offline: bool = False, progress: bool = True) -> Path:
+    """The weight file: --evaluator-weights itself, else $CXRGEN_HOME/torchxrayvision/<release file>, fetched once.
 
-    # the component only words the messages (the command that resumes); dest may be anywhere
-    fetch_file(WebSource(), RemoteFile(dest.name, url), dest, evaluator_component(url, dest.parent.parent))
-
-
-def resolve_weights(weights: str | Path | None, cache_dir: str | Path, source: WeightsSource | None = None, *,
-                    offline: bool = False) -> Path:
-    """The weight file: --evaluator-weights itself, else $CXRGEN_HOME/torchxrayvision/<release file>, fetched once."""
-    from cxrgen.download import evaluator_component, offline_error, record_files
+    The fetch is `cxrgen download --evaluator`'s: through a resumable .part file, under the cache's lock (many
+    evaluations started at once download once), recorded as verified.
+    """
+    from cxrgen.download import Unavailable, evaluator_component, offline_error, stage
 
     if weights is not None:
         path = Path(weights).expanduser()
@@ -92,18 +85,10 @@ def resolve_weights(weights: str | Path | None, cache_dir: str | Path, source: W
     if offline:
         raise offline_error(component)
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        (source or http_source)(info["url"], dest)
-    except InputError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - offline, HTTP error, proxy: all end in the same advice
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise InputError(f"cannot download the evaluator weights {info['url']} ({reason}); download that file on a "
-                         f"connected machine and place it at {dest}, or pass --evaluator-weights FILE") from None
-    if not dest.is_file():
-        raise InputError(f"downloading {info['url']} left no {dest}; place the file there or pass "
-                         "--evaluator-weights FILE")
-    record_files(component, info["url"], "release")
+        stage(component, source, progress=progress)
+    except Unavailable as exc:  # offline, HTTP error, proxy: all end in the same advice
+        raise InputError(f"cannot download the evaluator weights {info['url']} ({exc.reasons}); download that file "
+                         f"on a connected machine and place it at {dest}, or pass --evaluator-weights FILE") from None
     return dest.resolve()
 
 

@@ -22,12 +22,17 @@ import torch
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
+import cxrgen.download
 import cxrgen.evaluator
 import tiny_eval as te
 from cxrgen.cli import app
 from cxrgen.eval_metrics import group_pairs, label_state, map_columns, ms_ssim_values, random_pairs
 from cxrgen.evaluate import EvalOptions, evaluate_run
+from cxrgen.download import MARKER, evaluator_component, is_staged
+from cxrgen.errors import InputError
 from cxrgen.evaluator import Evaluator, resolve_weights
+from cxrgen.sources import WebSource
+from fake_hub import FolderSource
 
 runner = CliRunner()
 PATHOLOGIES = [p for p in te.RELEASE["labels"] if p]
@@ -372,52 +377,57 @@ def test_real_table_with_paths_labels_and_an_unreadable_file(tmp_path, weights, 
 def test_weights_are_fetched_once_into_cxrgen_home_through_the_source(tmp_path, weights, home, monkeypatch):
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # conftest's: the CLI would stay offline
         monkeypatch.delenv(name)
-    calls = []
-
-    def fake_source(url: str, dest: Path) -> None:
-        calls.append(url)
-        dest.write_bytes(weights.read_bytes())
-
+    source = FolderSource(tmp_path / "hub")
+    source.add_url(te.RELEASE["weights_url"], weights)
     dest = home / "torchxrayvision" / te.RELEASE_FILE
-    assert resolve_weights(None, home, fake_source) == dest.resolve()
-    assert resolve_weights(None, home, fake_source) == dest.resolve()
-    assert calls == [te.RELEASE["weights_url"]]
-    # The CLI's default source, replaced by the fake: the download lands there and is used.
+    assert resolve_weights(None, home, source, progress=False) == dest.resolve()
+    assert resolve_weights(None, home, source, progress=False) == dest.resolve()
+    assert [call[1] for call in source.calls("list")] == [te.RELEASE["weights_url"]]  # fetched once
+    assert dest.read_bytes() == weights.read_bytes() and is_staged(evaluator_component(te.RELEASE["weights_url"], home))
+    # The CLI's default source (cxrgen download's), replaced by the fake: the download lands there and is used.
     dest.unlink()
-    monkeypatch.setattr(cxrgen.evaluator, "http_source", fake_source)
+    monkeypatch.setattr(cxrgen.download, "WebSource", lambda: source)
     out = te.make_run(tmp_path / "run", te.images(4, seed=2))
     result = evaluate(out, "--quiet", "--max-pairs", "0")
     assert result.exit_code == 0, result.output
     assert summary_of(out)["evaluator"]["weights"] == str(dest.resolve())
-    assert len(calls) == 2
+    assert len(source.calls("list")) == 2
 
 
-def test_default_source_downloads_through_a_temporary_name(tmp_path, weights):
-    # a file:// URL exercises the real download code without any network
-    dest = tmp_path / "dl" / te.RELEASE_FILE
-    dest.parent.mkdir()
-    cxrgen.evaluator.http_source(weights.as_uri(), dest)
+def test_default_source_downloads_through_a_temporary_name(tmp_path, weights, monkeypatch):
+    # a file:// URL exercises the real download code (cxrgen.sources.WebSource) without any network
+    release = cxrgen.evaluator.release_info()
+    monkeypatch.setattr(cxrgen.evaluator, "release_info", lambda: {**release, "url": weights.as_uri()})
+    dest = resolve_weights(None, tmp_path / "home", progress=False)
+    assert dest == (tmp_path / "home" / "torchxrayvision" / te.RELEASE_FILE).resolve()
     assert dest.read_bytes() == weights.read_bytes()
-    with pytest.raises(OSError):
-        cxrgen.evaluator.http_source((tmp_path / "absent.pt").as_uri(), tmp_path / "dl" / "other.pt")
-    assert sorted(p.name for p in dest.parent.iterdir()) == [te.RELEASE_FILE]  # nothing half-written left
+    assert sorted(p.name for p in dest.parent.iterdir()) == sorted([te.RELEASE_FILE, MARKER])  # no .part left
+    absent = (tmp_path / "absent.pt").as_uri()
+    monkeypatch.setattr(cxrgen.evaluator, "release_info", lambda: {**release, "url": absent, "file_name": "other.pt"})
+    with pytest.raises(InputError, match="cannot download the evaluator weights"):
+        resolve_weights(None, tmp_path / "home", progress=False)
+    assert sorted(p.name for p in dest.parent.iterdir()) == sorted([te.RELEASE_FILE, MARKER])  # nothing half-written
+
+
+class _Unreachable(WebSource):
+    """The real source (a URL's listing needs no network) on a machine whose network is down."""
+
+    def open(self, url: str, offset: int):
+        raise OSError("[Errno 101] Network is unreachable")
 
 
 def test_offline_without_weights_names_the_url_and_where_to_place_the_file(tmp_path, home, monkeypatch):
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # a failing network here, not offline mode
         monkeypatch.delenv(name)
-
-    def offline(url: str, dest: Path) -> None:
-        raise OSError("[Errno 101] Network is unreachable")
-
-    monkeypatch.setattr(cxrgen.evaluator, "http_source", offline)
+    monkeypatch.setattr(cxrgen.download, "WebSource", _Unreachable)
     out = te.make_run(tmp_path / "run", te.images(2, seed=2))
     before = snapshot(tmp_path)
     line = assert_input_error(evaluate(out, "--quiet"), te.RELEASE["weights_url"],
                               str(home / "torchxrayvision" / te.RELEASE_FILE), "--evaluator-weights")
     assert "Network is unreachable" in line
-    assert snapshot(tmp_path).keys() - before.keys() <= {str(home), str(home / "torchxrayvision")}
-    assert not (out / "quality").exists()
+    added = [Path(p).relative_to(home) for p in snapshot(tmp_path).keys() - before.keys()]  # only in the cache:
+    assert {p.parts[0] for p in added if p.parts} <= {"torchxrayvision", ".locks"}  # its folders and the lock
+    assert not any((home / "torchxrayvision").glob("*.pt*")) and not (out / "quality").exists()
 
 
 @pytest.mark.parametrize("missing", ["torchxrayvision", "torchmetrics", "sklearn", "matplotlib"])
