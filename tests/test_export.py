@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 import re
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -132,8 +133,6 @@ def test_imagefolder_data_dir_gives_one_split_of_every_image(run, meta, tmp_path
 def test_an_evaluation_folder_would_make_a_stray_split(run, tmp_path):
     """Why `cxrgen evaluate` writes quality/: the same folder with its old name loses every image to a test split."""
     copy = tmp_path / "copy"
-    import shutil
-
     shutil.copytree(run, copy)
     (copy / "quality").rename(copy / "evaluation")
     dataset = load("imagefolder", data_dir=str(copy), cache=tmp_path / "hf")
@@ -142,8 +141,6 @@ def test_an_evaluation_folder_would_make_a_stray_split(run, tmp_path):
 
 def test_resume_writes_a_missing_card(run, tmp_path):
     copy = tmp_path / "copy"
-    import shutil
-
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("quality", "preview"))
     before = (copy / "README.md").read_text(encoding="utf-8")
     (copy / "README.md").unlink()  # a kill between metadata.parquet and the card, or a run merged by older cxrgen
@@ -186,8 +183,6 @@ def test_webdataset_shards_round_trip(run, meta, tmp_path):
 
 
 def test_accepted_only_without_an_evaluation_is_refused(bundle_dir, text_encoder_dir, tmp_path, run):
-    import shutil
-
     bare = tmp_path / "bare"
     shutil.copytree(run, bare, ignore=shutil.ignore_patterns("quality"))
     for fmt in ("webdataset", "imagefolder"):
@@ -198,6 +193,7 @@ def test_accepted_only_without_an_evaluation_is_refused(bundle_dir, text_encoder
 
 
 def test_accepted_only_exports_the_accepted_images(run, meta, tmp_path):
+    run = shutil.copytree(run, tmp_path / "run")  # a private copy: the shared run's scores stay as evaluated
     accepted = [True, False, True, False, True]
     with_accepted(run, accepted)
     kept = [i for i, a in zip(meta["image_id"], accepted) if a]
@@ -240,8 +236,6 @@ def test_imagefolder_export_of_everything_and_refusals(run, meta, tmp_path):
 
 def with_row_zero(run: Path, tmp_path: Path, column: str, value: str) -> Path:
     """A copy of the run whose metadata.parquet has `value` in `column` of its first row."""
-    import shutil
-
     copy = Path(shutil.copytree(run, tmp_path / "hostile", ignore=shutil.ignore_patterns("quality", "preview")))
     table = pq.read_table(copy / "metadata.parquet")
     values = table.column(column).to_pylist()
