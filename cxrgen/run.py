@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import os
 import platform
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -343,8 +344,14 @@ def sample_batches(engine: Engine, out: Path, batches, config: RunConfig, name: 
 def worker_main(config: RunConfig, bundle_root: str, device: str, dtype: str, name: str, engine_hook,
                 threads: int, tasks, events) -> None:
     """Entry point of a local worker process: load models once, then take batches until the queue ends."""
-    parent = os.getppid()
-    orphaned = lambda: os.getppid() != parent  # noqa: E731 - the parent died: stop, never race a resume
+    parent, signals = os.getppid(), []
+    # The parent stops workers with SIGTERM at any moment, also while this process loads models or exits.
+    # Left at its default, the signal kills the process at once, possibly while its queue feeder thread
+    # holds the event queue's shared write lock: every other worker then blocks on that lock forever. So
+    # a signal is only recorded, here as in the batch loop, and the worker stops at its next check.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda number, _frame: signals.append(number))
+    stopping = lambda: bool(signals) or os.getppid() != parent  # noqa: E731 - or the parent died: never race
     try:
         from cxrgen.download import quiet_library_logs
 
@@ -354,8 +361,8 @@ def worker_main(config: RunConfig, bundle_root: str, device: str, dtype: str, na
         bundle, text = load_models(config, bundle_root, device)
         engine = make_engine(config, bundle, text, device, dtype)
         engine = engine_hook(engine, name) if engine_hook else engine
-        result = sample_batches(engine, Path(config.out), next_batch(tasks, orphaned), config, name,
-                                on_done=lambda n: events.put(("done", name, n)), stop_check=orphaned)
+        result = sample_batches(engine, Path(config.out), next_batch(tasks, stopping), config, name,
+                                on_done=lambda n: events.put(("done", name, n)), stop_check=stopping)
         events.put(("finished", name, result.images, result.seconds))
     except CxrgenError as exc:
         events.put(("error", name, str(exc), exc.exit_code))

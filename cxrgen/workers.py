@@ -263,12 +263,17 @@ def _supervise(procs: list, events, on_done: Callable[[int], None], feed: _Feede
     previous = {s: signal.signal(s, lambda signum, _f: pending.append(signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
 
+    stop_deadline = [float("inf")]
+
     def stop_all(signum: int) -> None:
         feed.stop()
         _signal_all(procs, signum)
+        stop_deadline[0] = min(stop_deadline[0], time.monotonic() + _STOP_GRACE_S)
 
     try:
-        while any(p.is_alive() for p in procs) or not events.empty():
+        # after a stop, a worker that has not ended within the grace period is left to _stop (killed): a
+        # process that died holding a queue's shared lock would otherwise keep the others, and this loop, forever
+        while (any(p.is_alive() for p in procs) or not events.empty()) and time.monotonic() < stop_deadline[0]:
             # 1. a signal is forwarded once; the queue is emptied so every worker ends after its batch
             while pending:
                 signals.append(pending.pop())

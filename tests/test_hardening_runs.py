@@ -160,6 +160,47 @@ def test_slow_worker_error_and_parent_messages_are_one_line(bundle_dir, text_enc
     assert "\n" not in str(caught.value) and "cxrgen resume" in str(caught.value)
 
 
+def test_a_worker_signalled_outside_its_batch_loop_stops_cleanly(bundle_dir, text_encoder_dir, tmp_path):
+    """SIGTERM while a worker loads or exits must not kill it outright: dying at the wrong instant leaves the
+    event queue's shared write lock held, and the other worker and the parent then wait forever. Recorded
+    instead, it stops that worker at its first check; the other worker makes every image."""
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"prompt": [f"p{i}" for i in range(4)]}).to_csv(manifest, index=False)
+    config = RunConfig(manifest=str(manifest), out=str(tmp_path / "out"), model=str(bundle_dir),
+                       text_encoder=str(text_encoder_dir), steps=1, batch_size=1, workers=2, image_format="png",
+                       quiet=True)
+    result = generate(config, engine_hook=tiny.sigterm_in_w1_before_sampling)  # not "died with exit code -15"
+    assert result.complete and inspect_run(tmp_path / "out").complete
+
+
+STUCK_SCRIPT = """
+import sys, tiny, cxrgen.workers
+from cxrgen.config import RunConfig
+from cxrgen.errors import RunError
+from cxrgen.run import generate
+cxrgen.workers._STOP_GRACE_S = 2.0
+manifest, out, model, text = sys.argv[1:]
+config = RunConfig(manifest=manifest, out=out, model=model, text_encoder=text, steps=1, batch_size=1, workers=2,
+                   quiet=True)
+try:
+    generate(config, engine_hook=tiny.w1_never_ends_and_the_other_fails)
+except RunError as exc:
+    print(exc)
+"""
+
+
+def test_a_worker_that_never_ends_after_a_stop_is_killed_after_the_grace_period(bundle_dir, text_encoder_dir,
+                                                                                 tmp_path):
+    """The parent waits for stopping workers only for the grace period (2 s here), then kills them: a stuck
+    worker must not keep the run, and the user's terminal, forever."""
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"prompt": [f"p{i}" for i in range(4)]}).to_csv(manifest, index=False)
+    done = subprocess.run([sys.executable, "-c", STUCK_SCRIPT, str(manifest), str(tmp_path / "out"), str(bundle_dir),
+                           str(text_encoder_dir)], capture_output=True, text=True, timeout=240,
+                          cwd=Path(__file__).parent, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    assert "failed: RuntimeError: simulated worker bug" in done.stdout, done.stdout + done.stderr
+
+
 # ------------------------------------------------------------------ 2. two runs into one folder
 
 

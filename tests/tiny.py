@@ -155,6 +155,31 @@ def fail_at_start_in_w1(engine, name: str):
     return engine
 
 
+def sigterm_in_w1_before_sampling(engine, name: str):
+    """engine_hook for tests: worker w1 gets SIGTERM after loading its models, before the batch loop."""
+    import os
+    import signal
+    import time
+
+    if name == "w1":
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # the signal is delivered here, outside the loop's own handler
+    return engine
+
+
+def w1_never_ends_and_the_other_fails(engine, name: str):
+    """engine_hook for tests: w1 ignores SIGTERM and never ends (as if stuck on a dead process's queue lock);
+    the other worker fails, so the parent stops both."""
+    import signal
+    import time
+
+    if name == "w1":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(3600)
+    time.sleep(1.0)  # w1 is in its sleep by now
+    raise RuntimeError("simulated worker bug")
+
+
 def log_library_lines(engine, name: str):
     """engine_hook for tests: a worker's MONAI and transformers loggers each log a warning."""
     import logging
