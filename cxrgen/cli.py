@@ -43,6 +43,19 @@ Shards = Annotated[Optional[int], typer.Option(
     "default $CXRGEN_SHARDS.")]
 CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Bundle download cache "
                                                   "(default: $CXRGEN_HOME or ~/.cache/cxrgen).")]
+# What generate and plan (its dry run) spell the same way: the manifest and the per-row defaults.
+ManifestArg = Annotated[Path, typer.Argument(metavar="MANIFEST", help="CSV, TSV or Parquet file with a prompt "
+                                             "column.")]
+ManifestFormat = Annotated[str, typer.Option(help="auto, csv, tsv or parquet.")]
+PromptColumn = Annotated[str, typer.Option(help="Column holding the report sentence.")]
+AllowEmptyPrompt = Annotated[bool, typer.Option("--allow-empty-prompt", help="Blank prompts make unconditional "
+                                                "samples.")]
+NumImages = Annotated[int, typer.Option(help="Images per row (column num_images overrides).")]
+GuidanceScale = Annotated[float, typer.Option(help="Classifier-free guidance (column overrides).")]
+NegativePrompt = Annotated[str, typer.Option(help="Unconditional prompt (column overrides).")]
+Seed = Annotated[int, typer.Option(help="Base seed of the run (column seed overrides).")]
+FinishedOut = Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of a finished run (holds "
+                                             "metadata.parquet).")]
 Offline = Annotated[bool, typer.Option("--offline", help="Never touch the network (also HF_HUB_OFFLINE=1): models "
                                        "must be staged with `cxrgen download` or given as folders.")]
 Verbose = Annotated[bool, typer.Option("--verbose", help="Let MONAI, transformers and huggingface_hub print their "
@@ -108,20 +121,19 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 @app.command()
 def generate(
-    manifest: Annotated[Path, typer.Argument(metavar="MANIFEST", help="CSV, TSV or Parquet file with a prompt column.")],
+    manifest: ManifestArg,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: beside the "
                                                 "manifest, named after it).")] = None,
-    manifest_format: Annotated[str, typer.Option(help="auto, csv, tsv or parquet.")] = "auto",
-    prompt_column: Annotated[str, typer.Option(help="Column holding the report sentence.")] = "prompt",
-    allow_empty_prompt: Annotated[bool, typer.Option("--allow-empty-prompt",
-                                                     help="Blank prompts make unconditional samples.")] = False,
+    manifest_format: ManifestFormat = "auto",
+    prompt_column: PromptColumn = "prompt",
+    allow_empty_prompt: AllowEmptyPrompt = False,
     model: Annotated[str, typer.Option(help="Bundle folder, or bundle name to download once.")] = DEFAULT_MODEL,
     text_encoder: Annotated[str, typer.Option(help="Hugging Face repo id or local folder with tokenizer/ "
                                               "and text_encoder/.")] = DEFAULT_TEXT_ENCODER,
-    num_images: Annotated[int, typer.Option(help="Images per row (column num_images overrides).")] = 1,
-    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance (column overrides).")] = 7.0,
-    negative_prompt: Annotated[str, typer.Option(help="Unconditional prompt (column overrides).")] = "",
-    seed: Annotated[int, typer.Option(help="Base seed of the run (column seed overrides).")] = 0,
+    num_images: NumImages = 1,
+    guidance_scale: GuidanceScale = 7.0,
+    negative_prompt: NegativePrompt = "",
+    seed: Seed = 0,
     steps: Annotated[int, typer.Option(help="Denoising steps (num_inference_steps); the model card uses 50, "
                                        "--scheduler dpmpp2m needs fewer (e.g. 20).")] = 50,
     scheduler: Annotated[str, typer.Option(help="ddim (the model card's) or dpmpp2m (DPM-Solver++(2M)).")] = "ddim",
@@ -312,7 +324,8 @@ def evaluate(
 @app.command()
 def reproduce(
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of a run.")],
-    image_id: Annotated[str, typer.Argument(metavar="IMAGE_ID", help="The image's id (column image_id of metadata.parquet).")],
+    image_id: Annotated[str, typer.Argument(metavar="IMAGE_ID", help="The image's id (column image_id of "
+                                                                   "metadata.parquet).")],
     copy: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the regenerated image to this "
                                                  "file (the run's format; outside OUT).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: the kind of "
@@ -346,7 +359,7 @@ def reproduce(
 
 @app.command()
 def export(
-    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of a finished run (holds metadata.parquet).")],
+    out: FinishedOut,
     to: Annotated[Path, typer.Option("--to", help="Folder to create (new or empty, outside OUT).")],
     format: Annotated[str, typer.Option("--format", help="webdataset (tar shards of <key>.jpg|png + <key>.json) "
                                         "or imagefolder (hard-linked images + metadata.parquet).")] = "webdataset",
@@ -375,7 +388,7 @@ def export(
 
 @app.command()
 def preview(
-    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of a finished run (holds metadata.parquet).")],
+    out: FinishedOut,
     thumb_size: Annotated[int, typer.Option("--thumb-size", help="Longest side of thumbnails and contact-sheet "
                                             "tiles, in pixels (16-1024).")] = 128,
     per_sheet: Annotated[int, typer.Option("--per-sheet", help="Images per contact sheet at most; a prompt with "
@@ -417,7 +430,8 @@ ManifestOut = Annotated[Path, typer.Option("--out", "-o", help="The manifest to 
 
 @manifest_app.command("from-labels")
 def manifest_from_labels(
-    labels: Annotated[Path, typer.Argument(metavar="LABELS", help="Label table (CSV, TSV or Parquet): one row per real image, one "
+    labels: Annotated[Path, typer.Argument(metavar="LABELS", help="Label table (CSV, TSV or Parquet): one row per "
+                                           "real image, one "
                                            "column per finding holding 1, 0, -1 (uncertain) or blank.")],
     out: ManifestOut,
     findings: Annotated[Optional[str], typer.Option("--findings", help="Comma-separated finding columns to use "
@@ -476,7 +490,8 @@ def manifest_from_labels(
 
 @manifest_app.command("from-reports")
 def manifest_from_reports(
-    reports: Annotated[Path, typer.Argument(metavar="REPORTS", help="Table of reports (CSV, TSV or Parquet), one report per row.")],
+    reports: Annotated[Path, typer.Argument(metavar="REPORTS", help="Table of reports (CSV, TSV or Parquet), one "
+                                            "report per row.")],
     out: ManifestOut,
     text_column: Annotated[str, typer.Option("--text-column", help="Column with the report text; several, "
                                              "comma-separated (e.g. findings,impression), are joined.")] = "report",
@@ -518,19 +533,18 @@ _IGNORED = "Accepted so that a generate command line works unchanged; plan ignor
 
 @app.command()
 def plan(
-    manifest: Annotated[Path, typer.Argument(metavar="MANIFEST", help="CSV, TSV or Parquet file with a prompt column.")],
+    manifest: ManifestArg,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder generate would use (default: "
                                                 "beside the manifest, named after it).")] = None,
-    manifest_format: Annotated[str, typer.Option(help="auto, csv, tsv or parquet.")] = "auto",
-    prompt_column: Annotated[str, typer.Option(help="Column holding the report sentence.")] = "prompt",
-    allow_empty_prompt: Annotated[bool, typer.Option("--allow-empty-prompt",
-                                                     help="Blank prompts make unconditional samples.")] = False,
+    manifest_format: ManifestFormat = "auto",
+    prompt_column: PromptColumn = "prompt",
+    allow_empty_prompt: AllowEmptyPrompt = False,
     text_encoder: Annotated[str, typer.Option(help="Hugging Face repo id or local folder; its tokenizer counts the "
                                               "tokens (the default's is shipped with cxrgen).")] = DEFAULT_TEXT_ENCODER,
-    num_images: Annotated[int, typer.Option(help="Images per row (column num_images overrides).")] = 1,
-    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance (column overrides).")] = 7.0,
-    negative_prompt: Annotated[str, typer.Option(help="Unconditional prompt (column overrides).")] = "",
-    seed: Annotated[int, typer.Option(help="Base seed of the run (column seed overrides).")] = 0,
+    num_images: NumImages = 1,
+    guidance_scale: GuidanceScale = 7.0,
+    negative_prompt: NegativePrompt = "",
+    seed: Seed = 0,
     steps: Annotated[int, typer.Option(help="Denoising steps; the estimate scales with them.")] = 50,
     scheduler: Annotated[str, typer.Option(help="ddim or dpmpp2m.")] = "ddim",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16 (or fp32, bf16, fp16).")] = "auto",

@@ -22,7 +22,7 @@ from typing import Callable
 from cxrgen import __version__
 from cxrgen.config import (BUNDLE_VERSIONS, DEFAULT_MODEL, DEFAULT_TEXT_ENCODER, TEXT_ENCODER_MIRROR,
                            TEXT_ENCODER_REVISION, split_ref)
-from cxrgen.errors import CxrgenError, InputError, RunError
+from cxrgen.errors import CxrgenError, InputError, RunError, first_line
 from cxrgen.sources import Listing, RemoteFile, Source, WebSource, content_total, hosting_url
 from cxrgen.store import write_json
 
@@ -233,7 +233,7 @@ def _from_repo(component: Component, source: Source, progress: bool, log: Log | 
         except CxrgenError:
             raise  # a cut (resumable) or a file that fails its check: not a reason to switch sources
         except Exception as exc:  # noqa: BLE001 - the URL could not be opened (HTTP error, network)
-            reason = f"{remote.url}: {_first_line(exc)}"
+            reason = f"{remote.url}: {first_line(exc, with_type=True)}"
             raise Unavailable(f"cannot download the {component.kind} {component.ref} ({reason}); check the network "
                               f"and run `{component.command}` again", reason) from None
     return repo, listing.revision, files
@@ -247,7 +247,7 @@ def _list(component: Component, source: Source) -> tuple[Listing, str]:
         except CxrgenError:
             raise
         except Exception as exc:  # noqa: BLE001 - network, HTTP and hub errors: try the next mirror
-            errors.append(f"{repo}: {_first_line(exc)}")
+            errors.append(f"{repo}: {first_line(exc, with_type=True)}")
             if isinstance(exc, ConnectionError):
                 break  # the mirrors are on the same hub
             continue
@@ -272,14 +272,14 @@ def _from_archive(component: Component, source: Source, failure: Unavailable, pr
         raise  # cut: resumes from the .part file next time
     except Exception as exc:  # noqa: BLE001 - HTTP error, network: both sources failed
         raise InputError(f"cannot download the {component.kind} {component.ref} from Hugging Face ({failure.reasons}) "
-                         f"nor from NVIDIA's hosting ({url}: {_first_line(exc)}); check the network and run "
+                         f"nor from NVIDIA's hosting ({url}: {first_line(exc, with_type=True)}); check the network and run "
                          f"`{component.command}` again, or give --model /path/to/the/bundle/folder, or run that "
                          "command on a machine with internet and copy the cache folder here") from None
     try:
         files = _extract(component, zip_path, url)
     except zipfile.BadZipFile as exc:
         zip_path.unlink(missing_ok=True)
-        raise InputError(f"{zip_path} from {url} is not a readable zip ({_first_line(exc)}); it was removed: run "
+        raise InputError(f"{zip_path} from {url} is not a readable zip ({first_line(exc, with_type=True)}); it was removed: run "
                          f"`{component.command}` again") from None
     except CxrgenError:
         zip_path.unlink(missing_ok=True)  # the same bytes would fail again: fetch it anew next time
@@ -349,7 +349,7 @@ def fetch_file(source: Source, remote: RemoteFile, dest: Path, component: Compon
                 handle.flush()
                 os.fsync(handle.fileno())
                 raise InputError(f"download of {remote.url} was cut at {handle.tell():,} bytes "
-                                 f"({_first_line(exc)}); run `{component.command}` again: it resumes from "
+                                 f"({first_line(exc, with_type=True)}); run `{component.command}` again: it resumes from "
                                  "there") from None
             handle.flush()
             os.fsync(handle.fileno())
@@ -379,11 +379,6 @@ def _digests(path: Path) -> dict:
             md5.update(chunk)
             sha256.update(chunk)
     return {"md5": md5.hexdigest(), "sha256": sha256.hexdigest()}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
 # ------------------------------------------------------------------------------------------ logs

@@ -30,3 +30,12 @@ class Interrupted(CxrgenError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def first_line(exc: BaseException, *, with_type: bool = False, limit: int = 200) -> str:
+    """The first line of an exception's message, cut to `limit` characters, for a one-line error."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    line = text.splitlines()[0][:limit]
+    return f"{type(exc).__name__}: {line}" if with_type else line

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cxrgen.errors import InputError
+from cxrgen.errors import InputError, first_line
 from cxrgen.sources import Source
 from cxrgen.store import file_digest
 
@@ -113,7 +113,7 @@ def _read_weights(path: Path, unsafe_pickle: bool):
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # noqa: BLE001 - any unpickling failure means: not a usable model file
-            raise InputError(f"{path} is not a torchxrayvision model file ({_first_line(exc)}); give the {RELEASE} "
+            raise InputError(f"{path} is not a torchxrayvision model file ({first_line(exc, with_type=True, limit=160)}); give the {RELEASE} "
                              "release file") from None
     try:
         with torch.serialization.safe_globals(allowed_classes()):
@@ -125,16 +125,11 @@ def _read_weights(path: Path, unsafe_pickle: bool):
                              "torch/torchvision/torchxrayvision classes, so it was not loaded; if you trust the file, "
                              "--evaluator-unsafe-pickle loads it as torchxrayvision itself does (this runs code from "
                              "the file)") from None
-        raise InputError(f"{path} is not a torchxrayvision model file ({_first_line(exc)}); give the {RELEASE} "
+        raise InputError(f"{path} is not a torchxrayvision model file ({first_line(exc, with_type=True, limit=160)}); give the {RELEASE} "
                          "release file") from None
     except Exception as exc:  # noqa: BLE001 - truncated zip, text file, wrong magic number
-        raise InputError(f"{path} is not a torchxrayvision model file ({_first_line(exc)}); give the {RELEASE} "
+        raise InputError(f"{path} is not a torchxrayvision model file ({first_line(exc, with_type=True, limit=160)}); give the {RELEASE} "
                          "release file") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else type(exc).__name__
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 
 from cxrgen.config import split_ref
 from cxrgen.download import is_staged, read_marker, stage, text_encoder_component
-from cxrgen.errors import InputError
+from cxrgen.errors import InputError, first_line
 from cxrgen.store import file_digest
 
 MAX_TOKENS = 77
@@ -200,7 +200,7 @@ def load_text_encoder(text_encoder: str, device: torch.device | str = "cpu", *, 
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - hub, network and file errors all get one actionable line
-        raise fail(_first_line(exc)) from None
+        raise fail(first_line(exc)) from None
     return _finish(tokenizer, model, text_encoder, device, where, kind, commit, fail)
 
 
@@ -264,7 +264,3 @@ def hub_unreachable(endpoint: str, timeout: float = HUB_PROBE_SECONDS) -> str | 
     if not outcome:
         return f"{host}:{port}: no answer within {timeout:g} s"
     return outcome[0]
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__

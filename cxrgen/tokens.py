@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cxrgen.config import DEFAULT_TEXT_ENCODER
-from cxrgen.errors import InputError
+from cxrgen.errors import InputError, first_line
 
 MAX_TOKENS = 77  # the text encoder's context, start and end tokens included (cxrgen.text.MAX_TOKENS)
 # A copy of tokenizer/ of the default text encoder's repo: vocab and merges are 1.5 MB, and with them a
@@ -65,7 +65,7 @@ def load_counter(source: str | None = None, option: str = "--tokenizer") -> Toke
     try:
         tokenizer = CLIPTokenizer.from_pretrained(str(folder))
     except Exception as exc:  # noqa: BLE001 - damaged files: one line naming the folder
-        raise InputError(f"{option} {source}: the tokenizer in {folder} cannot be loaded ({_first_line(exc)}); "
+        raise InputError(f"{option} {source}: the tokenizer in {folder} cannot be loaded ({first_line(exc)}); "
                          "give a folder with the SD 2.x tokenizer files") from None
     if len(tokenizer) < 1000:
         raise InputError(f"{option} {source}: the tokenizer in {folder} has only {len(tokenizer)} tokens; give a "
@@ -83,7 +83,3 @@ def _cached_tokenizer(repo: str, option: str) -> Path:
                          f"(cxrgen does not download it to count tokens); give {option} DIR, a folder with the "
                          "SD 2.x tokenizer files")
     return Path(found[0]).parent
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__

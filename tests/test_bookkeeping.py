@@ -17,19 +17,11 @@ from cxrgen.run import generate, load_plan
 from cxrgen.state import done_items, inspect_run
 from cxrgen.store import RECORDS_DIR, read_records
 from cxrgen.workers import Rank
+from test_resume import PLANNED, manifest  # noqa: F401 - the same tiny manifest and its module fixture
 
 runner = CliRunner()
-MANIFEST = "prompt,label\nbig heart,1\nsmall lung,0\nclear chest,1\n"
-PLANNED = 6
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("manifest") / "m.csv"
-    path.write_text(MANIFEST)
-    return path
 
 
 @pytest.fixture()

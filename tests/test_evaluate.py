@@ -33,6 +33,7 @@ from cxrgen.errors import InputError
 from cxrgen.evaluator import Evaluator, resolve_weights
 from cxrgen.sources import WebSource
 from fake_hub import FolderSource
+from test_cli import assert_input_error
 
 runner = CliRunner()
 PATHOLOGIES = [p for p in te.RELEASE["labels"] if p]
@@ -85,18 +86,6 @@ class ForwardCounter:
             return original(evaluator, batch)
 
         self.method = method
-
-
-def assert_input_error(result, *words: str) -> str:
-    """Exit code 2, exactly one line on stderr starting 'cxrgen: error:', naming each word."""
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("cxrgen: error: "), lines[0]
-    assert "Traceback" not in result.output
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
 
 
 # ------------------------------------------------------------------ 1. fidelity and the real-feature cache
