@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from cxrgen.card import write_card
 from cxrgen.errors import InputError
 from cxrgen.state import read_run_json
-from cxrgen.store import EVAL_DIR, TMP_MARK, atomic_write, fsync_dir, inside, io_error
+from cxrgen.store import EVAL_DIR, TMP_MARK, atomic_write, fsync_dir, inside, io_error, resume_command
 
 FORMATS = ("webdataset", "imagefolder")
 DEFAULT_SHARD_SIZE = 1_000_000_000  # bytes: WebDataset's usual ~1 GB shards
@@ -79,7 +79,7 @@ def export_run(options: ExportOptions) -> ExportResult:
         raise InputError(f"{out} is not a cxrgen run (no run.json); give the output folder of a run")
     if not (out / "metadata.parquet").is_file():
         raise InputError(f"{out} has no metadata.parquet yet: the run is unfinished; finish it with "
-                         f"`cxrgen resume {out}`, then export")
+                         f"`{resume_command(out)}`, then export")
     _check_target(out, to)
     table = pq.read_table(out / "metadata.parquet")
     total = table.num_rows
