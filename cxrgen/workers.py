@@ -203,13 +203,12 @@ def run_local_workers(target: Callable, args_of: Callable[[int, str], tuple], de
 
 
 def next_batch(tasks, stop: Callable[[], bool]):
-    """Batches from the task queue until its end marker, or until stop() says so (polled every second)."""
-    while True:
+    """Batches from the task queue until its end marker, or until stop() says so (asked before each batch
+    is taken, so a worker told to stop leaves the batch for the others, and every second while it waits)."""
+    while not stop():
         try:
             batch = tasks.get(timeout=1.0)
         except queue.Empty:
-            if stop():
-                return
             continue
         if batch is None:
             return

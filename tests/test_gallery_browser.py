@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -54,12 +53,14 @@ def browser(tmp_path):
     driver.quit()
 
 
-def open_gallery(driver, index: Path, timeout: float = 60) -> float:
-    """Load the page from the file system; seconds until its script has built every tile."""
-    started = time.monotonic()
+# Waits, not speed checks: generous enough for a machine busy with other work (benchmarks measure speed).
+WAIT_S = 300
+
+
+def open_gallery(driver, index: Path) -> None:
+    """Load the page from the file system and wait until its script has built every tile."""
     driver.get(index.resolve().as_uri())
-    WebDriverWait(driver, timeout).until(lambda d: d.execute_script("return document.body.dataset.ready") == "1")
-    return time.monotonic() - started
+    WebDriverWait(driver, WAIT_S).until(lambda d: d.execute_script("return document.body.dataset.ready") == "1")
 
 
 def filter_to(driver, text: str) -> list[int]:
@@ -71,9 +72,8 @@ def filter_to(driver, text: str) -> list[int]:
     else:  # clear() fires no input event
         driver.execute_script("arguments[0].dispatchEvent(new Event('input'))", box)
     expected = "of" if text else ""
-    WebDriverWait(driver, 10).until(lambda d: d.execute_script(
-        "return document.getElementById('filter').value") == text)
-    time.sleep(0.3)  # past the 120 ms debounce
+    # the page marks which filter text it has applied (after its 120 ms debounce), so no fixed sleep
+    WebDriverWait(driver, WAIT_S).until(lambda d: d.execute_script("return document.body.dataset.filtered") == text)
     assert expected in driver.find_element(By.ID, "count").text
     return driver.execute_script(VISIBLE_TILES)
 
@@ -150,10 +150,9 @@ def test_ten_thousand_images_load_lazily_and_filter(tmp_path, browser):
     out = ten_thousand(tmp_path / "big")
     result = build_preview(out, thumb_size=64)
     assert (result.images, result.prompts, len(result.sheets), result.thumbs_made) == (10_000, 100, 100, 10_000)
-    seconds = open_gallery(browser, result.index)
+    open_gallery(browser, result.index)
     assert len(browser.find_elements(By.CSS_SELECTOR, "figure.tile")) == 10_000
-    assert seconds < 60  # a generous sanity bound only, not a speed measurement
-    time.sleep(1)
+    WebDriverWait(browser, WAIT_S).until(lambda d: d.execute_script(LOADED) > 0)  # the first screenful arrives
     loaded = browser.execute_script(LOADED)
     assert 0 < loaded < 1_000  # lazy: only the thumbnails near the viewport were read
     assert filter_to(browser, "q042") == list(range(4200, 4300))
