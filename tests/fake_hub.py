@@ -1,4 +1,4 @@
-"""A local stand-in for the hub and the weights URL: cxrgen.download's Source over a folder, no network.
+"""A local stand-in for the hub and the weights URL: cxrgen.hub.download's Source over a folder, no network.
 
 Layout: ROOT/<repo>/<revision>/<files> for repos, ROOT/urls/<file name> for plain URLs (the evaluator's
 weights, the bundle's zip on NVIDIA's hosting). Every listing and
@@ -11,7 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
-from cxrgen.download import Listing, RemoteFile
+from cxrgen.hub.sources import Listing, RemoteFile
 
 COMMIT = "f" * 40
 

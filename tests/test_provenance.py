@@ -9,11 +9,17 @@ import struct
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import make_small_run as make_run
 from PIL import Image
 
-from cxrgen.provenance import PNG_KEY, ROW_FIELDS, encode_provenance, provenance_of, read_provenance
-from cxrgen.store import encode_image
-from test_export import make_run
+from cxrgen.provenance import (
+    PNG_KEY,
+    ROW_FIELDS,
+    encode_image,
+    encode_provenance,
+    provenance_of,
+    read_provenance,
+)
 
 
 @pytest.fixture(scope="module", params=["jpg", "png"])

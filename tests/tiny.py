@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from cxrgen.checkpoint import to_old_layout
+from cxrgen.model.checkpoint import to_old_layout
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZER = FIXTURES / "sd2-tokenizer"

@@ -1,0 +1,73 @@
+"""Commands for the model cache: download (stage the files a run needs) and info (what is staged)."""
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from cxrgen.cli.options import CacheDir, Offline, Quiet, Verbose, fail, stay_offline
+from cxrgen.config import default_cache_dir
+from cxrgen.errors import CxrgenError
+from cxrgen.pins import DEFAULT_MODEL, DEFAULT_TEXT_ENCODER
+
+
+def download(
+    model: Annotated[str, typer.Option(help="Bundle name, optionally NAME@VERSION (default version: the pinned "
+                                       "one).")] = DEFAULT_MODEL,
+    text_encoder: Annotated[str, typer.Option(help="Hugging Face repo id, optionally REPO@REVISION.")]
+    = DEFAULT_TEXT_ENCODER,
+    evaluator: Annotated[bool, typer.Option("--evaluator", help="Also the torchxrayvision weights of `cxrgen "
+                                            "evaluate` (needs the evaluate extra).")] = False,
+    cache_dir: CacheDir = None, quiet: Quiet = False, offline: Offline = False, verbose: Verbose = False,
+) -> None:
+    """Stage the bundle and text encoder (and with --evaluator the evaluator's weights) in the cache, for offline use.
+
+    Fetches only the files a run reads, at pinned versions, verifies them (md5 of the checkpoints, sizes,
+    sha256) and resumes a cut download. Safe to start on many ranks at once: one downloads, the others
+    wait. With --offline it only reports what is there and what is missing. Exit codes: 0 everything is
+    staged; 2 something could not be fetched (or, offline, is missing).
+
+    Example: cxrgen download --evaluator   (on a login node; then copy or share $CXRGEN_HOME)
+    """
+    try:
+        from cxrgen.hub.info import download as stage_all
+
+        offline = stay_offline(offline, verbose)
+        report = stage_all(cache_dir or default_cache_dir(os.environ), model, text_encoder, evaluator,
+                           offline=offline, progress=not quiet, log=lambda line: typer.echo(line, err=True))
+    except CxrgenError as exc:
+        fail(exc)
+    if not quiet or report.problem():
+        for line in report.lines():
+            typer.echo(line)
+    if report.problem():
+        fail(report.problem())
+
+
+def info(
+    model: Annotated[str, typer.Option(help="Bundle name (NAME@VERSION) a run would use.")] = DEFAULT_MODEL,
+    text_encoder: Annotated[str, typer.Option(help="Text encoder repo (REPO@REVISION) a run would use.")]
+    = DEFAULT_TEXT_ENCODER,
+    evaluator: Annotated[bool, typer.Option("--evaluator", help="Require the evaluator's weights too.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    cache_dir: CacheDir = None, offline: Offline = False,
+) -> None:
+    """Show what the cache holds for a run: each file with its size and verified / missing / corrupt.
+
+    Never uses the network (--offline is accepted for symmetry). Exit codes: 0 everything a run needs is
+    staged and verifies; 1 something is missing or corrupt (the report names the download command).
+
+    Example: cxrgen info --evaluator
+    """
+    try:
+        import json
+
+        from cxrgen.hub.info import cache_report
+
+        report = cache_report(cache_dir or default_cache_dir(os.environ), model, text_encoder, evaluator)
+    except CxrgenError as exc:
+        fail(exc)
+    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else "\n".join(report.lines()))
+    if not report.complete:
+        raise typer.Exit(1)

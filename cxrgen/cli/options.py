@@ -1,0 +1,102 @@
+"""What the commands share: option spellings (Annotated aliases), the error-to-exit-code boundary, shares of a plan.
+
+Environment variables (HF_HUB_OFFLINE, CXRGEN_HOME, array-job and launcher variables) are read here, at the
+boundary, and passed down as plain values.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cxrgen.config import offline_from_env
+from cxrgen.errors import CxrgenError
+from cxrgen.runs.workers import rank_from_env
+
+# Options shared by generate and resume: speed options, which never change which images exist or their
+# seeds (float rounding of batched kernels aside: README, "What a resume gives").
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per UNet call; 0 picks one for the device.")]
+DecodeBatch = Annotated[int, typer.Option("--decode-batch-size", help="Latents per decoder call; 0 = 1 on CPU, "
+                                          "8 on CUDA.")]
+Device = Annotated[str, typer.Option("--device", "--devices", help="auto (every visible GPU, else CPU), cpu, "
+                                     "cuda:N, or a list such as cuda:0,cuda:2 (one worker per device).")]
+Workers = Annotated[int, typer.Option("--workers", help="Worker processes on this machine (CPU: N processes).")]
+ChannelsLast = Annotated[bool, typer.Option("--channels-last", help="channels_last UNet (CUDA speed option).")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (compile time reported apart).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
+RankWait = Annotated[Optional[float], typer.Option(
+    "--rank-wait", help="Under torchrun/srun: seconds a rank whose share is done waits at least for the other "
+    "ranks to start before it concludes they stopped. [default: 60]")]
+Shard = Annotated[Optional[str], typer.Option(
+    "--shard", help="I/N: make only the images whose plan index modulo N is I (one task of an array job; "
+    "read from SLURM_ARRAY_TASK_ID/_COUNT, JOB_COMPLETION_INDEX or AWS_BATCH_JOB_ARRAY_INDEX/_SIZE when "
+    "not given). Shards share OUT; the last to finish writes metadata.parquet.")]
+Shards = Annotated[Optional[int], typer.Option(
+    "--shards", help="Number of shards N of a Kubernetes Indexed Job (JOB_COMPLETION_INDEX gives I); "
+    "default $CXRGEN_SHARDS.")]
+CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Bundle download cache "
+                                                  "(default: $CXRGEN_HOME or ~/.cache/cxrgen).")]
+# What generate and plan (its dry run) spell the same way: the manifest and the per-row defaults.
+ManifestArg = Annotated[Path, typer.Argument(metavar="MANIFEST", help="CSV, TSV or Parquet file with a prompt "
+                                             "column.")]
+ManifestFormat = Annotated[str, typer.Option(help="auto, csv, tsv or parquet.")]
+PromptColumn = Annotated[str, typer.Option(help="Column holding the report sentence.")]
+AllowEmptyPrompt = Annotated[bool, typer.Option("--allow-empty-prompt", help="Blank prompts make unconditional "
+                                                "samples.")]
+NumImages = Annotated[int, typer.Option(help="Images per row (column num_images overrides).")]
+GuidanceScale = Annotated[float, typer.Option(help="Classifier-free guidance (column overrides).")]
+NegativePrompt = Annotated[str, typer.Option(help="Unconditional prompt (column overrides).")]
+Seed = Annotated[int, typer.Option(help="Base seed of the run (column seed overrides).")]
+FinishedOut = Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of a finished run (holds "
+                                             "metadata.parquet).")]
+Offline = Annotated[bool, typer.Option("--offline", help="Never touch the network (also HF_HUB_OFFLINE=1): models "
+                                       "must be staged with `cxrgen download` or given as folders.")]
+Verbose = Annotated[bool, typer.Option("--verbose", help="Let MONAI, transformers and huggingface_hub print their "
+                                       "own log lines.")]
+
+
+def stay_offline(offline: bool, verbose: bool) -> bool:
+    """Whether to stay offline (--offline or HF_HUB_OFFLINE, read here at the boundary); quiets library logs."""
+    from cxrgen.hub.download import quiet_library_logs
+
+    quiet_library_logs(verbose)
+    return offline or offline_from_env(os.environ)
+
+
+def fail(exc: CxrgenError) -> None:
+    # one line even when the message quotes a multi-line value (a wrapped spreadsheet header, say)
+    typer.echo(f"cxrgen: error: {' '.join(str(exc).splitlines())}", err=True)
+    raise typer.Exit(exc.exit_code)
+
+
+def interrupted(out) -> None:
+    from cxrgen.files import resume_command
+
+    if out is not None and (Path(out) / "run.json").is_file():
+        typer.echo(f"cxrgen: interrupted; finished images are kept: `{resume_command(out)}` continues", err=True)
+    else:  # stopped before the run was recorded: there is nothing to resume yet
+        typer.echo("cxrgen: interrupted before the run started; nothing was recorded: run the same "
+                   "`cxrgen generate` command again", err=True)
+    raise typer.Exit(130)
+
+
+def exit_for(result, share) -> None:
+    """Exit 3 when images are missing that nobody is making (never a silent 0 on an incomplete run).
+
+    A shard of an array job whose own images are all done exits 0 even while other shards' images are
+    missing: schedulers retry or fail array tasks that exit non-zero, and the other shards come later.
+    """
+    from cxrgen.errors import INCOMPLETE_EXIT_CODE
+
+    shard_done = share is not None and share.shard is not None and result.share_complete
+    if not (result.complete or shard_done):
+        raise typer.Exit(INCOMPLETE_EXIT_CODE)
+
+
+def this_share(shard: Optional[str], shards: Optional[int]):
+    """This process's part of the plan from --shard, an array job's variables and launcher ranks."""
+    from cxrgen.runs.workers import parse_shard, shard_from_env, share_of
+
+    return share_of(parse_shard(shard) if shard else shard_from_env(os.environ, shards), rank_from_env(os.environ))

@@ -1,0 +1,197 @@
+"""The evaluation's figures: FID and KID (torchmetrics), MS-SSIM between pairs (torchmetrics), label adherence
+(scikit-learn), and the label map that ties manifest label columns to the classifier's pathologies."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxrgen.errors import InputError
+from cxrgen.evaluation.classifier import FEATURES
+
+FID_UNBIASED_AT = 1024  # below this many images on either side FID is biased upwards (and the report says so)
+KID_SUBSET_SIZE = 1000  # torchmetrics' default; smaller sets use all their images per subset
+KID_SUBSETS = 100  # torchmetrics' default
+PAIR_SEED = 0  # pairs and KID subsets are drawn from fixed seeds, so re-running gives the same figures
+MS_SSIM_BATCH = 64  # pairs per MS-SSIM call (64 was the fastest on the 2-core CPU; ~0.5 GB of temporaries)
+
+
+# ---------------------------------------------------------------------------------------------- FID / KID
+
+class PrecomputedFeatures(torch.nn.Module):
+    """torchmetrics' feature-extractor slot, given the DenseNet features2 vectors the image pass already made.
+
+    The features come from the same forward pass as the scores, so nothing runs twice and the real set's
+    features can be cached; torchmetrics then does the statistics.
+    """
+
+    num_features = FEATURES  # read by FrechetInceptionDistance instead of probing with a dummy image
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def fid_kid(synthetic: np.ndarray, real: np.ndarray) -> dict:
+    """FID and KID (mean, std over subsets) between two (N, 1024) feature arrays; None where a side has < 2 rows."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    result = {"fid": None, "kid_mean": None, "kid_std": None, "kid_subset_size": None, "kid_subsets": None}
+    if len(synthetic) < 2 or len(real) < 2:
+        return result
+    fake_t, real_t = torch.from_numpy(synthetic).double(), torch.from_numpy(real).double()
+    fid = FrechetInceptionDistance(feature=PrecomputedFeatures())
+    fid.update(real_t, real=True)
+    fid.update(fake_t, real=False)
+    subset_size = min(KID_SUBSET_SIZE, len(synthetic), len(real))
+    with warnings.catch_warnings():  # "KID keeps every feature in memory": it is what we want
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=PrecomputedFeatures(), subsets=KID_SUBSETS, subset_size=subset_size)
+    kid.update(real_t, real=True)
+    kid.update(fake_t, real=False)
+    with torch.random.fork_rng(devices=[]):  # KID draws subsets from torch's global generator: seed a copy
+        torch.manual_seed(PAIR_SEED)
+        kid_mean, kid_std = kid.compute()
+    result.update(fid=float(fid.compute()), kid_mean=float(kid_mean), kid_std=float(kid_std),
+                  kid_subset_size=subset_size, kid_subsets=KID_SUBSETS)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- MS-SSIM
+
+def random_pairs(n: int, max_pairs: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Distinct unordered pairs of n items: all when there are at most max_pairs, else max_pairs drawn at random."""
+    if n * (n - 1) // 2 <= max_pairs:
+        return list(itertools.combinations(range(n), 2))
+    chosen: set[tuple[int, int]] = set()
+    while len(chosen) < max_pairs:
+        i, j = (int(v) for v in rng.integers(n, size=2))
+        if i != j:
+            chosen.add((min(i, j), max(i, j)))
+    return sorted(chosen)
+
+
+def group_pairs(groups: list[list[int]], max_pairs: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Pairs within each group (groups of one give none): all, or max_pairs drawn uniformly over all such pairs."""
+    groups = [g for g in groups if len(g) >= 2]
+    counts = np.array([len(g) * (len(g) - 1) // 2 for g in groups], dtype=np.float64)
+    if counts.sum() <= max_pairs:
+        return [pair for g in groups for pair in itertools.combinations(g, 2)]
+    chosen: set[tuple[int, int]] = set()
+    weights = counts / counts.sum()  # a group's share of all within-group pairs
+    while len(chosen) < max_pairs:
+        group = groups[int(rng.choice(len(groups), p=weights))]
+        i, j = (group[int(k)] for k in rng.choice(len(group), size=2, replace=False))
+        chosen.add((min(i, j), max(i, j)))
+    return sorted(chosen)
+
+
+def ms_ssim_values(images: dict[int, np.ndarray], pairs: list[tuple[int, int]]) -> np.ndarray:
+    """MS-SSIM (data range 1, grayscale) of each pair of uint8 images; pairs naming a missing image are skipped."""
+    from torchmetrics.functional.image import (
+        multiscale_structural_similarity_index_measure as ms_ssim,
+    )
+
+    usable = [(i, j) for i, j in pairs if i in images and j in images]
+    values = []
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore", UserWarning)  # torch's note on oneDNN TF32 when the flag is switched
+        # oneDNN's kernel for a one-channel 11 x 11 window is ~1.6x slower than ATen's own on CPU (measured)
+        with torch.backends.mkldnn.flags(enabled=False):
+            for start in range(0, len(usable), MS_SSIM_BATCH):
+                chunk = usable[start:start + MS_SSIM_BATCH]
+                a = torch.from_numpy(np.stack([images[i] for i, _ in chunk]))[:, None].float() / 255.0
+                b = torch.from_numpy(np.stack([images[j] for _, j in chunk]))[:, None].float() / 255.0
+                values.append(ms_ssim(a, b, data_range=1.0, reduction="none").double().numpy())
+    return np.concatenate(values) if values else np.zeros(0)
+
+
+# ---------------------------------------------------------------------------------------------- label map
+
+# Common spellings (CheXpert / MIMIC-CXR label names and report words) of the classifier's pathologies.
+# Keys are normalised (lower case, "_" as space); every pathology's own name is added at run time.
+ALIASES = {
+    "pleural effusion": "Effusion",
+    "effusion": "Effusion",
+    "pulmonary edema": "Edema",
+    "lung opacity": "Lung Opacity",
+    "opacity": "Lung Opacity",
+    "lung lesion": "Lung Lesion",
+    "enlarged cardiomediastinum": "Enlarged Cardiomediastinum",
+    "cardiomegaly": "Cardiomegaly",
+    "pleural thickening": "Pleural_Thickening",
+}
+
+
+def normalize_name(name: str) -> str:
+    """Case-insensitive, `_` and space alike, surrounding and repeated spaces ignored."""
+    return " ".join(str(name).replace("_", " ").lower().split())
+
+
+def read_label_map(path: str | Path | None, pathologies: list[str]) -> dict[str, str | None]:
+    """--label-map FILE: a JSON object column -> pathology name (null: do not evaluate that column)."""
+    if path is None:
+        return {}
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"--label-map {path}: cannot read it ({exc.strerror or exc}); give a JSON file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"--label-map {path} is not valid JSON ({exc}); write an object such as "
+                         '{"pleural_effusion": "Effusion"}') from None
+    if not isinstance(data, dict):
+        raise InputError(f"--label-map {path} must hold a JSON object column -> pathology, such as "
+                         '{"pleural_effusion": "Effusion"}')
+    by_name = {normalize_name(p): p for p in pathologies}
+    result: dict[str, str | None] = {}
+    for column, target in data.items():
+        if target is not None and (not isinstance(target, str) or normalize_name(target) not in by_name):
+            raise InputError(f"--label-map {path}: column {column!r} maps to {target!r}, which is not a pathology of "
+                             f"the evaluator; use one of {', '.join(pathologies)} (or null to skip the column)")
+        result[normalize_name(column)] = None if target is None else by_name[normalize_name(target)]
+    return result
+
+
+def map_columns(columns: list[str], pathologies: list[str], user_map: dict[str, str | None]) -> tuple[dict, list]:
+    """(column -> pathology for the columns evaluated, columns not evaluated), built-in map extended by user_map."""
+    table: dict[str, str | None] = {normalize_name(p): p for p in pathologies}
+    table.update({k: v for k, v in ALIASES.items() if v in pathologies})
+    table.update(user_map)
+    mapped = {c: table[normalize_name(c)] for c in columns if table.get(normalize_name(c))}
+    return mapped, [c for c in columns if c not in mapped]
+
+
+def label_state(value) -> bool | None:
+    """True for a positive label (1 / true), False for a negative (0 / false); -1 (uncertain), blanks and other text: None."""
+    if value is None or isinstance(value, (bytes, bytearray)):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        if isinstance(value, (float, np.floating)) and math.isnan(value):
+            return None
+        return True if value == 1 else False if value == 0 else None
+    text = str(value).strip().lower()
+    return {"1": True, "1.0": True, "true": True, "0": False, "0.0": False, "false": False}.get(text)
+
+
+def adherence(states: list[bool | None], scores: np.ndarray, min_score: float) -> dict:
+    """AUROC (scikit-learn), positives' median score and agreement for one finding; NaN scores are left out."""
+    from sklearn.metrics import roc_auc_score
+
+    keep = [i for i, s in enumerate(states) if s is not None and np.isfinite(scores[i])]
+    y = np.array([states[i] for i in keep], dtype=bool)
+    s = scores[keep]
+    pos = s[y]
+    entry = {"n_pos": int(y.sum()), "n_neg": int((~y).sum()), "auroc": None,
+             "median_pos_score": float(np.median(pos)) if len(pos) else None,
+             "agreement": float(np.mean(pos >= min_score)) if len(pos) else None}
+    if entry["n_pos"] and entry["n_neg"]:
+        entry["auroc"] = float(roc_auc_score(y, s))
+    return entry

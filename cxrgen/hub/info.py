@@ -1,0 +1,141 @@
+"""`cxrgen info`: what the cache holds for a run, where, at which versions, and whether each file verifies."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cxrgen.errors import InputError
+from cxrgen.extras import require_extra
+from cxrgen.hub.download import (
+    Component,
+    FileState,
+    bundle_component,
+    check,
+    evaluator_component,
+    offline_error,
+    read_marker,
+    stage,
+    text_encoder_component,
+)
+from cxrgen.hub.sources import Source
+from cxrgen.pins import DEFAULT_MODEL, DEFAULT_TEXT_ENCODER, EVALUATOR_URL
+
+
+@dataclass
+class ComponentReport:
+    """One component: its files' states and where it came from (None where it was never staged)."""
+
+    component: Component
+    files: list[FileState]
+    source: str | None = None
+    revision: str | None = None  # the commit fetched, where the source has commits
+
+    @property
+    def status(self) -> str:
+        """complete, missing (no file at all), corrupt (a file fails its check) or incomplete."""
+        states = {f.status for f in self.files}
+        if states == {"verified"}:
+            return "complete"
+        if states == {"missing"}:
+            return "missing"
+        return "corrupt" if "corrupt" in states else "incomplete"
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        c = self.component
+        return {"kind": c.kind, "ref": c.ref, "folder": str(c.folder), "status": self.status, "source": self.source,
+                "revision": self.revision, "command": c.command,
+                "files": [{"path": str(f.path), "size": f.size, "status": f.status} for f in self.files]}
+
+
+@dataclass
+class CacheReport:
+    """Every component a run needs (and the evaluator's weights, where asked), plus other cached copies."""
+
+    cache_dir: Path
+    components: list[ComponentReport]  # required: `complete` and the exit code depend on these
+    optional: list[ComponentReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # components not in the cache (folders used in place, ...)
+    others: list[str] = field(default_factory=list)  # other versions in the cache, not asked about
+
+    @property
+    def complete(self) -> bool:
+        """Every component asked about is there and verifies."""
+        return all(c.status == "complete" for c in self.components)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (`cxrgen info --json`)."""
+        return {"cache_dir": str(self.cache_dir), "complete": self.complete,
+                "components": [c.to_dict() for c in self.components],
+                "optional": [c.to_dict() for c in self.optional], "notes": self.notes, "others": self.others}
+
+    def problem(self) -> InputError | None:
+        """The error naming the first missing or corrupt file and the command that fetches it; None if complete."""
+        bad = next((r for r in self.components if r.status != "complete"), None)
+        return None if bad is None else offline_error(bad.component, bad.files)
+
+    def lines(self) -> list[str]:
+        """The human-readable report."""
+        out = [f"cache: {self.cache_dir}"]
+        for report in self.components + self.optional:
+            c = report.component
+            where = f" (from {report.source} at {report.revision})" if report.source else ""
+            out.append(f"{c.kind} {c.ref}: {report.status}{where}")
+            out.append(f"  folder: {c.folder}")
+            for state in report.files:
+                size = f"{state.size:,} B" if state.size is not None else "-"
+                out.append(f"  {state.status:<10}  {size:>16}  {state.path.relative_to(c.folder)}")
+            if report.status != "complete":
+                out.append(f"  fetch with: {c.command}")
+        out.extend(f"note: {note}" for note in self.notes)
+        if self.others:
+            out.append(f"also in the cache: {', '.join(self.others)}")
+        return out
+
+
+def download(cache_dir: str | Path, model: str = DEFAULT_MODEL, text_encoder: str = DEFAULT_TEXT_ENCODER,
+             evaluator: bool = False, *, source: Source | None = None, offline: bool = False, progress: bool = True,
+             log=None) -> CacheReport:
+    """Stage what a run needs (and the evaluator's weights if asked), then report the cache; offline: report only."""
+    if evaluator:
+        require_extra()  # says which install command adds torchxrayvision
+    if not offline:
+        report = cache_report(cache_dir, model, text_encoder, evaluator)
+        for component in report.components:
+            stage(component.component, source, progress=progress, log=log)
+    return cache_report(cache_dir, model, text_encoder, evaluator)
+
+
+def cache_report(cache_dir: str | Path, model: str = DEFAULT_MODEL, text_encoder: str = DEFAULT_TEXT_ENCODER,
+                 evaluator: bool = False) -> CacheReport:
+    """Check the cache for the bundle and text encoder a run with these options needs (and the evaluator's weights)."""
+    cache_dir = Path(cache_dir).expanduser().resolve()
+    components, notes = [], []
+    for option, value, make in (("--model", model, bundle_component), ("--text-encoder", text_encoder,
+                                                                         text_encoder_component)):
+        if Path(value).expanduser().is_dir():
+            notes.append(f"{option} {value} is a folder, used in place (not cached)")
+        else:
+            components.append(make(value, cache_dir))
+    if evaluator or (cache_dir / "torchxrayvision").is_dir():
+        components.append(evaluator_component(EVALUATOR_URL, cache_dir))
+    reports = []
+    for component in components:
+        marker = read_marker(component) or {}
+        reports.append(ComponentReport(component, check(component, deep=True), marker.get("source"),
+                                       marker.get("revision")))
+    # weights found in the cache but not asked about are shown, not required
+    required = [r for r in reports if evaluator or r.component.kind != "evaluator weights"]
+    optional = [r for r in reports if r not in required]
+    return CacheReport(cache_dir, required, optional, notes, _others(cache_dir, components))
+
+
+def _others(cache_dir: Path, components: list[Component]) -> list[str]:
+    asked = {c.folder for c in components}
+    found = []
+    for kind in ("bundles", "text-encoders"):
+        folder = cache_dir / kind
+        if folder.is_dir():
+            found += [f"{kind}/{p.name}" for p in sorted(folder.iterdir())
+                      if p.is_dir() and not p.name.startswith(".") and p not in asked]
+    return found

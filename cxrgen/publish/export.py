@@ -1,0 +1,235 @@
+"""cxrgen export: a finished run as WebDataset shards or as a (filtered) imagefolder copy.
+
+Both are built in a hidden folder beside --to and renamed into place at the end, so --to is either absent,
+empty, or a complete export: an interrupted export leaves nothing half-written under that name.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from cxrgen.errors import InputError
+from cxrgen.files import (
+    TMP_MARK,
+    atomic_write,
+    fsync_dir,
+    inside,
+    io_error,
+    resume_command,
+)
+from cxrgen.runs.card import write_card
+from cxrgen.runs.journal import EVAL_DIR
+from cxrgen.runs.state import read_run_json
+
+FORMATS = ("webdataset", "imagefolder")
+DEFAULT_SHARD_SIZE = 1_000_000_000  # bytes: WebDataset's usual ~1 GB shards
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+_TAR_BLOCK = 512
+_KEY_SAFE = re.compile(r"[A-Za-z0-9_-]+")  # cxrgen's own ids, dots aside
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_KEY_MAX = 90  # characters; cxrgen's own ids have at most 78
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What `cxrgen export` was asked to do."""
+
+    out: str  # the run folder (holds metadata.parquet)
+    to: str  # the folder to create (absent or empty)
+    format: str = "webdataset"  # "webdataset" or "imagefolder"
+    shard_size: int = DEFAULT_SHARD_SIZE  # webdataset: bytes per shard at most (a bigger single sample gets its own)
+    accepted_only: bool = False  # only images `cxrgen evaluate` accepted
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What was written."""
+
+    to: Path
+    format: str
+    images: int
+    total: int  # images in the run
+    files: list[Path]  # the shards, or the imagefolder's metadata.parquet and README.md
+    copied: int = 0  # imagefolder: images copied because a hard link was not possible
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as 1GB, 500MB, 2GiB or 1000000 (decimal units: 1GB = 10^9 bytes)."""
+    match = _SIZE.fullmatch(str(text))
+    if not match or match.group(2).lower() not in _UNITS or float(match.group(1)) <= 0:
+        raise InputError(f"--shard-size {text!r} is not a size; write e.g. 1GB, 500MB, 2GiB or a number of bytes")
+    return max(1, int(float(match.group(1)) * _UNITS[match.group(2).lower()]))
+
+
+def export_run(options: ExportOptions) -> ExportResult:
+    """Write the run in options.out as options.format into options.to (see the module docstring)."""
+    # 1. check everything before writing anything
+    if options.format not in FORMATS:
+        raise InputError(f"--format {options.format!r} is not one of {', '.join(FORMATS)}")
+    out, to = Path(options.out).resolve(), Path(options.to).resolve()
+    run = read_run_json(out)
+    if run is None:
+        raise InputError(f"{out} is not a cxrgen run (no run.json); give the output folder of a run")
+    if not (out / "metadata.parquet").is_file():
+        raise InputError(f"{out} has no metadata.parquet yet: the run is unfinished; finish it with "
+                         f"`{resume_command(out)}`, then export")
+    _check_target(out, to)
+    table = pq.read_table(out / "metadata.parquet")
+    total = table.num_rows
+    for name in table.column("file_name").to_pylist():
+        inside(out, name)  # never pack, nor link to, a file outside the run
+    if options.accepted_only:
+        table = table.filter(pc.is_in(table.column("image_id"), value_set=_accepted_ids(out, table)))
+    # 2. build in a hidden sibling folder, then rename it into place
+    staging = to.parent / f".{to.name}{TMP_MARK}{secrets.token_hex(4)}"
+    try:
+        staging.mkdir(parents=True)
+        if options.format == "webdataset":
+            names, copied = _write_shards(out, table, staging, options.shard_size), 0
+        else:
+            names, copied = _write_imagefolder(out, table, staging, run, options.accepted_only, total)
+        fsync_dir(staging)
+        if to.is_dir():
+            to.rmdir()  # empty (checked above): the rename needs the name free on every system
+        os.replace(staging, to)
+        fsync_dir(to.parent)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise io_error(to, exc) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportResult(to, options.format, table.num_rows, total, [to / n for n in names], copied)
+
+
+def _check_target(out: Path, to: Path) -> None:
+    if to == out or out in to.parents:
+        raise InputError(f"--to {to} is inside the run folder {out}; choose a folder outside it")
+    if to.exists() and (not to.is_dir() or any(to.iterdir())):
+        raise InputError(f"--to {to} already exists and is not an empty folder; choose a new folder or remove it")
+
+
+def _accepted_ids(out: Path, table: pa.Table) -> pa.Array:
+    """image_ids `cxrgen evaluate` accepted; the scores must cover exactly this run's images."""
+    scores_path = out / EVAL_DIR / "scores.parquet"
+    if not scores_path.is_file():
+        raise InputError(f"--accepted-only needs an evaluation, and {scores_path} does not exist; run "
+                         f"`cxrgen evaluate {out}` first")
+    scores = pq.read_table(scores_path, columns=["image_id", "accepted"])
+    if set(scores.column("image_id").to_pylist()) != set(table.column("image_id").to_pylist()):
+        raise InputError(f"{scores_path} does not cover the images of metadata.parquet (evaluated before the run "
+                         f"changed?); run `cxrgen evaluate {out}` again")
+    return scores.filter(pc.equal(scores.column("accepted"), True)).column("image_id").combine_chunks()
+
+
+def sample_key(image_id: str) -> str:
+    """The WebDataset key of an image: its id, every character but A-Z, a-z, 0-9, `_` and `-` replaced.
+
+    Dots because readers split names at the first dot; slashes because a member must not leave its folder.
+    An id that held one gets a short hash of itself, so `a.b_0000` and `a_b_0000` stay two keys; the json
+    always carries the original image_id.
+    """
+    if _KEY_SAFE.fullmatch(image_id) and len(image_id) <= _KEY_MAX:
+        return image_id
+    # cut to fit a USTAR member name (100 bytes) with its `.json`: ids from tables made elsewhere may be long
+    return f"{_KEY_UNSAFE.sub('_', image_id)[:_KEY_MAX - 9]}-{hashlib.sha256(image_id.encode('utf-8')).hexdigest()[:8]}"
+
+
+def _rows(table: pa.Table):
+    for batch in table.to_batches(max_chunksize=4096):
+        yield from batch.to_pylist()
+
+
+def _json_row(row: dict) -> bytes:
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+    return json.dumps(clean, ensure_ascii=False, default=str).encode("utf-8")
+
+
+def _finished_size(members: int) -> int:
+    record = tarfile.RECORDSIZE
+    return -(-(members + 2 * _TAR_BLOCK) // record) * record
+
+
+def _tar_size(*sizes: int) -> int:
+    return sum(_TAR_BLOCK + -(-size // _TAR_BLOCK) * _TAR_BLOCK for size in sizes)
+
+
+def _write_shards(out: Path, table: pa.Table, folder: Path, shard_size: int) -> list[str]:
+    """train-000000.tar, ... in plan order; each sample is <key>.<jpg|png> + <key>.json."""
+    names: list[str] = []
+    keys: dict[str, str] = {}
+    tar, handle, used = None, None, 0
+    try:
+        for row in _rows(table):
+            key = sample_key(row["image_id"])
+            if keys.setdefault(key.lower(), row["image_id"]) != row["image_id"]:
+                raise InputError(f"images {keys[key.lower()]!r} and {row['image_id']!r} give the same WebDataset "
+                                 f"key {key!r}; rename one row id")
+            image = (out / row["file_name"]).read_bytes()
+            meta = _json_row(row)
+            size = _tar_size(len(image), len(meta))
+            # a new shard when this sample would overflow a non-empty one (the finished file: end-of-archive
+            # blocks, padded to whole 10 KiB records)
+            if tar is None or (used and _finished_size(used + size) > shard_size):
+                _close_shard(tar, handle)
+                tar = None  # closed: if the next shard cannot be opened, `finally` must not close it again
+                names.append(f"train-{len(names):06d}.tar")
+                handle = open(folder / names[-1], "wb")
+                tar, used = tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT), 0
+            _add(tar, f"{key}.{Path(row['file_name']).suffix.lstrip('.').lower()}", image)
+            _add(tar, f"{key}.json", meta)
+            used += size
+    finally:
+        _close_shard(tar, handle)
+    return names
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # fixed owner, mode and time: the same run always exports to the same bytes
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o444, 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _close_shard(tar, handle) -> None:
+    if tar is not None:
+        tar.close()
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.close()
+
+
+def _write_imagefolder(out: Path, table: pa.Table, folder: Path, run: dict, accepted_only: bool,
+                       total: int) -> tuple[list[str], int]:
+    """images/ hard-linked (copied across file systems), the filtered metadata.parquet, and its own card."""
+    copied = 0
+    for name in table.column("file_name").to_pylist():
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(out / name, target)
+        except OSError:  # another file system, or one without hard links
+            shutil.copyfile(out / name, target)
+            copied += 1
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    atomic_write(folder / "metadata.parquet", buffer.getvalue().to_pybytes())
+    what = f"the {table.num_rows} of {total} images `cxrgen evaluate` accepted" if accepted_only else \
+        f"all {total} images"
+    write_card(folder, table, run, note=f"Exported by `cxrgen export` from the run {out}: {what}.")
+    return ["metadata.parquet", "README.md"], copied

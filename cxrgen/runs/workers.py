@@ -1,0 +1,327 @@
+"""Several workers for one run: local processes pulling batches from a queue, or launcher ranks."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from cxrgen.errors import InputError, Interrupted, RunError
+from cxrgen.files import resume_command
+from cxrgen.manifests.workitems import WorkItem
+
+_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class Rank:
+    """This process's part of the plan: a torchrun/Slurm rank, an array-job shard, or a rank within a shard.
+
+    It makes the images whose plan index modulo world_size is rank.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    shard: tuple[int, int] | None = None  # (index, count) when this process belongs to a shard of an array job
+    label: str = ""  # worker and journal name; rank<r> by default
+
+    @property
+    def name(self) -> str:
+        """The worker name in the journal and metadata (unique among the processes writing one folder)."""
+        return self.label or f"rank{self.rank}"
+
+    @property
+    def scope(self) -> str:
+        """What the launch this process belongs to is responsible for: one shard, or the whole plan."""
+        return f"{self.shard[0]}/{self.shard[1]}" if self.shard else "all"
+
+    def in_scope(self, index: int) -> bool:
+        """Whether the image at this plan index belongs to this process's launch (its shard)."""
+        return self.shard is None or index % self.shard[1] == self.shard[0]
+
+
+def share_of(shard: tuple[int, int] | None, rank: Rank | None) -> Rank | None:
+    """Compose an array-job shard I/N with the ranks of a launch inside it (W ranks): I + N*r of N*W.
+
+    index % (N*W) == I + N*r  <=>  index % N == I and (index // N) % W == r, so the shards split the plan
+    exactly as N ranks would, and the ranks of one shard split that shard.
+    """
+    if shard is None:
+        return rank
+    index, count = shard
+    if rank is None:
+        return Rank(index, count, 0, shard=shard, label=f"shard{index}")
+    return Rank(index + count * rank.rank, count * rank.world_size, rank.local_rank, shard=shard,
+                label=f"shard{index}-rank{rank.rank}")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """--shard I/N -> (I, N), 0 <= I < N."""
+    parts = text.split("/")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise InputError(f"--shard {text!r}: write I/N, e.g. --shard 3/64 for the 4th of 64 shards (I from 0)")
+    index, count = (int(p) for p in parts)
+    if not 0 <= index < count:
+        raise InputError(f"--shard {text!r}: I must be from 0 to N-1 ({count - 1 if count else 0}); "
+                         "shards are numbered from 0")
+    return index, count
+
+
+def shard_from_env(environ: dict, shards: int | None = None) -> tuple[int, int] | None:
+    """An array task's shard from Slurm, Kubernetes Indexed Jobs or AWS Batch; None outside an array job.
+
+    Slurm: SLURM_ARRAY_TASK_ID with SLURM_ARRAY_TASK_COUNT (or _MIN/_MAX/_STEP). Kubernetes:
+    JOB_COMPLETION_INDEX with the count from --shards or CXRGEN_SHARDS (a Job does not export it).
+    AWS Batch: AWS_BATCH_JOB_ARRAY_INDEX with AWS_BATCH_JOB_ARRAY_SIZE. Called by the CLI only.
+    """
+    def number(name: str) -> int:
+        try:
+            return int(environ[name])
+        except ValueError:
+            raise InputError(f"{name}={environ[name]!r} is not a whole number; check the job's environment") from None
+
+    found = None
+    if "SLURM_ARRAY_TASK_ID" in environ:
+        task = number("SLURM_ARRAY_TASK_ID")
+        low = number("SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in environ else 0
+        step = number("SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in environ else 1
+        if "SLURM_ARRAY_TASK_COUNT" in environ:
+            count = number("SLURM_ARRAY_TASK_COUNT")
+        elif "SLURM_ARRAY_TASK_MAX" in environ:
+            count = (number("SLURM_ARRAY_TASK_MAX") - low) // step + 1
+        else:
+            raise InputError("SLURM_ARRAY_TASK_ID is set without SLURM_ARRAY_TASK_COUNT or _MAX; pass --shard I/N")
+        found = ((task - low) // step, count, "SLURM_ARRAY_TASK_ID")
+    elif "JOB_COMPLETION_INDEX" in environ:
+        count = shards if shards is not None else (number("CXRGEN_SHARDS") if "CXRGEN_SHARDS" in environ else None)
+        if count is None:
+            raise InputError("JOB_COMPLETION_INDEX is set (a Kubernetes Indexed Job) but the number of shards is "
+                             "not: pass --shards N (the Job's completions) or set CXRGEN_SHARDS=N")
+        found = (number("JOB_COMPLETION_INDEX"), count, "JOB_COMPLETION_INDEX")
+    elif "AWS_BATCH_JOB_ARRAY_INDEX" in environ:
+        if "AWS_BATCH_JOB_ARRAY_SIZE" not in environ:
+            raise InputError("AWS_BATCH_JOB_ARRAY_INDEX is set without AWS_BATCH_JOB_ARRAY_SIZE; pass --shard I/N")
+        found = (number("AWS_BATCH_JOB_ARRAY_INDEX"), number("AWS_BATCH_JOB_ARRAY_SIZE"), "AWS_BATCH_JOB_ARRAY_INDEX")
+    if found is None:
+        return None
+    index, count, source = found
+    if not 0 <= index < count:
+        raise InputError(f"{source} gives shard {index} of {count}, outside 0..{count - 1}; check the array size")
+    return (index, count) if count > 1 else None
+
+
+# Slurm's step id inside the batch script or the "extern" step; only srun-started steps are launches.
+_NOT_A_LAUNCH_STEP = {"batch", "extern", "interactive"}
+
+
+def rank_from_env(environ: dict) -> Rank | None:
+    """torchrun's RANK/WORLD_SIZE/LOCAL_RANK or an srun step's SLURM_PROCID/SLURM_STEP_NUM_TASKS; None when absent.
+
+    Inside a Slurm allocation the batch script itself also sees SLURM_PROCID=0 and SLURM_NTASKS=N; a
+    command run there drives the whole plan, so Slurm's variables count only inside a job step started
+    by srun, the only place Slurm sets the step's task count SLURM_STEP_NUM_TASKS. Called by the CLI
+    only: environment variables are read at the boundary.
+    """
+    slurm_step = "SLURM_STEP_NUM_TASKS" in environ and \
+        environ.get("SLURM_STEP_ID", environ.get("SLURM_STEPID", "")).lower() not in _NOT_A_LAUNCH_STEP
+    for rank, world, local, active in (("RANK", "WORLD_SIZE", "LOCAL_RANK", True),
+                                       ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", slurm_step)):
+        if active and rank in environ and world in environ:
+            values = (environ[rank], environ[world], environ.get(local, "0"))
+            try:
+                r, w, lr = (int(v) for v in values)
+            except ValueError:
+                raise InputError(f"{rank}={values[0]!r}, {world}={values[1]!r}: launcher variables must be whole "
+                                 "numbers") from None
+            if not (0 <= r < w):
+                raise InputError(f"{rank}={r} is outside 0..{world}-1={w - 1}; check the launcher")
+            return Rank(r, w, lr) if w > 1 else None
+    return None
+
+
+def rank_share(todo: list[WorkItem], rank: Rank) -> list[WorkItem]:
+    """The items this rank owns: plan index modulo world size (stable for any set of done items)."""
+    return [item for item in todo if item.index % rank.world_size == rank.rank]
+
+
+def local_devices(device: str, workers: int, cuda_count: int) -> list[str]:
+    """One device string per local worker: every visible GPU for auto, else the list or N CPU workers."""
+    if device == "auto" and cuda_count > 0:
+        return [f"cuda:{i}" for i in range(cuda_count)] if workers == 1 else \
+            [f"cuda:{i % cuda_count}" for i in range(workers)]
+    if "," in device:
+        return [d.strip() for d in device.split(",") if d.strip()]
+    return [("cpu" if device == "auto" else device)] * workers
+
+
+@dataclass
+class WorkerResult:
+    """Images written and seconds taken by one worker, for the per-worker summary line."""
+
+    name: str
+    images: int = 0
+    seconds: float = 0.0
+
+
+def cpu_threads_per_worker(devices: list[str], cores: int) -> int:
+    """Intra-op threads for each CPU worker: its share of the cores (workers must not fight over them)."""
+    cpu_workers = sum(1 for d in devices if d == "cpu")
+    return max(1, cores // max(1, cpu_workers))
+
+
+def run_local_workers(target: Callable, args_of: Callable[[int, str], tuple], devices: list[str],
+                      batches: list[list[WorkItem]], on_done: Callable[[int], None], out: Path) -> list[WorkerResult]:
+    """Start one process per device; each pulls the next batch from a shared queue until none remain.
+
+    `target(*args_of(index, device), tasks, events)` runs in each child, takes batches with `next_batch`
+    and reports through `events`: ("done", name, n), ("finished", name, images, seconds) or
+    ("error", name, message, exit_code).
+    """
+    ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
+    # Fed lazily, a few batches ahead: with every batch queued up front, the parent's feeder thread blocks
+    # on the full pipe once the workers stop early, and the interpreter waits for it at exit forever.
+    tasks, events = ctx.Queue(maxsize=2 * len(devices)), ctx.Queue()
+    feed = _Feeder(tasks, batches, len(devices))
+    procs = [ctx.Process(target=target, args=(*args_of(i, d), tasks, events)) for i, d in enumerate(devices)]
+    for proc in procs:
+        proc.start()
+    try:
+        results, errors, signals = _supervise(procs, events, on_done, feed, out)
+    finally:
+        _stop(procs, feed, events)
+    if signals:
+        raise Interrupted(f"stopped by {signal.Signals(signals[0]).name}; what was written is kept: "
+                          f"finish with `{resume_command(out)}`", 130 if signals[0] == signal.SIGINT else 143)
+    if errors:
+        raise RunError(errors[0])
+    return sorted(results.values(), key=lambda r: r.name)
+
+
+def next_batch(tasks, stop: Callable[[], bool]):
+    """Batches from the task queue until its end marker, or until stop() says so (asked before each batch
+    is taken, so a worker told to stop leaves the batch for the others, and every second while it waits)."""
+    while not stop():
+        try:
+            batch = tasks.get(timeout=1.0)
+        except queue.Empty:
+            continue
+        if batch is None:
+            return
+        yield batch
+
+
+class _Feeder:
+    """Puts batches on the bounded task queue as room frees up, then one end marker per worker."""
+
+    def __init__(self, tasks, batches: list, workers: int):
+        self.tasks, self.workers = tasks, workers
+        self.items = iter([*batches, *([None] * workers)])
+        self.next = next(self.items, _END)
+        self.stopped = False
+
+    def top_up(self) -> None:
+        """Queue as many batches as fit without blocking."""
+        while self.next is not _END:
+            try:
+                self.tasks.put_nowait(self.next)
+            except queue.Full:
+                return
+            self.next = next(self.items, _END)
+
+    def stop(self) -> None:
+        """Queue nothing more: drop what is queued and end each worker's loop after its current batch."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self.items, self.next = iter([None] * (self.workers - 1)), None
+        try:
+            while True:
+                self.tasks.get_nowait()
+        except (queue.Empty, OSError, ValueError):
+            pass
+        self.top_up()
+
+
+_END = object()
+_STOP_GRACE_S = 60.0  # a stopping worker finishes its UNet step and writes; after this it is killed
+
+
+def _supervise(procs: list, events, on_done: Callable[[int], None], feed: _Feeder, out: Path
+               ) -> tuple[dict, list[str], list[int]]:
+    """Relay progress and feed the queue; forward SIGINT/SIGTERM to the workers; stop all after one fails."""
+    results: dict[str, WorkerResult] = {}
+    errors: list[str] = []  # what the workers reported
+    crashes: list[str] = []  # workers that died without a word
+    signals: list[int] = []
+    pending: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _f: pending.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+
+    stop_deadline = [float("inf")]
+
+    def stop_all(signum: int) -> None:
+        feed.stop()
+        _signal_all(procs, signum)
+        stop_deadline[0] = min(stop_deadline[0], time.monotonic() + _STOP_GRACE_S)
+
+    try:
+        # after a stop, a worker that has not ended within the grace period is left to _stop (killed): a
+        # process that died holding a queue's shared lock would otherwise keep the others, and this loop, forever
+        while (any(p.is_alive() for p in procs) or not events.empty()) and time.monotonic() < stop_deadline[0]:
+            # 1. a signal is forwarded once; the queue is emptied so every worker ends after its batch
+            while pending:
+                signals.append(pending.pop())
+                stop_all(signals[-1])
+            feed.top_up()
+            # 2. progress, results, reported errors
+            try:
+                event = events.get(timeout=_POLL_S)
+            except queue.Empty:
+                # 3. a worker that died without reporting (killed, or a crash outside cxrgen's errors)
+                for proc in procs:
+                    if proc.exitcode not in (None, 0, 130, 143) and not (signals or errors or crashes):
+                        crashes.append(f"worker process {proc.pid} died with exit code {proc.exitcode}; what it "
+                                       f"finished is kept: run `{resume_command(out)}`")
+                        stop_all(signal.SIGTERM)
+                continue
+            result = results.setdefault(event[1], WorkerResult(event[1]))
+            if event[0] == "done":
+                result.images += event[2]
+                on_done(event[2])
+            elif event[0] == "finished":
+                result.images, result.seconds = event[2], event[3]
+            elif event[0] == "error" and event[3] not in (130, 143):
+                errors.append(event[2])
+                stop_all(signal.SIGTERM)  # the others stop cleanly after their current UNet step
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return results, errors + crashes, signals
+
+
+def _stop(procs: list, feed: _Feeder, events) -> None:
+    """Join every worker (killing any that outlives the grace period) and release the queues' threads."""
+    deadline = time.monotonic() + _STOP_GRACE_S
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    for q in (feed.tasks, events):
+        q.cancel_join_thread()  # whatever is still queued is not needed: never wait for it at exit
+        q.close()
+
+
+def _signal_all(procs: list, signum: int) -> None:
+    for proc in procs:
+        if proc.is_alive():
+            try:
+                os.kill(proc.pid, signum)
+            except ProcessLookupError:
+                pass

@@ -1,0 +1,168 @@
+"""Several workers or launcher ranks make the same dataset as one process, and merge exactly once."""
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tiny
+from PIL import Image
+
+from cxrgen.config import RunConfig
+from cxrgen.runs.generate import generate, resume
+from cxrgen.runs.workers import Rank, local_devices, rank_from_env, rank_share
+
+PROMPTS = ["Pleural effusion", "Left pneumothorax", "No acute findings", "Cardiomegaly", "Lobar pneumonia"]
+VOLATILE = ["created_at", "worker"]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("m") / "m.csv"
+    pd.DataFrame({"prompt": PROMPTS, "finding": [1, 0, 0, 1, 1]}).to_csv(path, index=False)
+    return path
+
+
+def config(manifest, out, bundle_dir, text_encoder_dir, **kw) -> RunConfig:
+    options = dict(steps=2, num_images=2, batch_size=2, image_format="png", quiet=True)
+    return RunConfig(manifest=str(manifest), out=str(out), model=str(bundle_dir), text_encoder=str(text_encoder_dir),
+                     **{**options, **kw})
+
+
+@pytest.fixture(scope="module")
+def single(manifest, bundle_dir, text_encoder_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "out"
+    generate(config(manifest, out, bundle_dir, text_encoder_dir))
+    return out
+
+
+def assert_same_dataset(a: Path, b: Path) -> None:
+    meta_a, meta_b = (pd.read_parquet(p / "metadata.parquet") for p in (a, b))
+    pd.testing.assert_frame_equal(meta_a.drop(columns=VOLATILE), meta_b.drop(columns=VOLATILE))
+    for name in meta_a.file_name:
+        with Image.open(a / name) as x, Image.open(b / name) as y:
+            diff = np.abs(np.asarray(x, dtype=int) - np.asarray(y, dtype=int))
+        assert (diff <= 1).mean() >= 0.999, name
+    files = sorted(str(p.relative_to(b)) for p in (b / "images").rglob("*") if p.is_file())
+    assert files == sorted(meta_b.file_name)  # one file per row, nothing else (no temporaries)
+
+
+def merges(out: Path) -> int:
+    return len((out / ".cxrgen" / "merges.log").read_text().splitlines())
+
+
+def test_two_workers_match_one(manifest, single, bundle_dir, text_encoder_dir, tmp_path):
+    out = tmp_path / "w2"
+    result = generate(config(manifest, out, bundle_dir, text_encoder_dir, workers=2))
+    assert result.written == 10
+    assert_same_dataset(single, out)
+    assert merges(out) == 1
+
+
+def test_slow_worker_does_not_hold_the_run_back(manifest, bundle_dir, text_encoder_dir, tmp_path):
+    out = tmp_path / "slow"
+    # w0 holds its first batch until w1 has journaled 6 of the 10 images: the queue must let w1 take them
+    hook = functools.partial(tiny.first_worker_waits_for_the_other, out=str(out), records=6)
+    generate(config(manifest, out, bundle_dir, text_encoder_dir, workers=2, batch_size=1), engine_hook=hook)
+    meta = pd.read_parquet(out / "metadata.parquet")
+    counts = meta.worker.value_counts()
+    assert counts.sum() == 10 and meta.image_id.is_unique
+    assert counts.get("w1", 0) > counts.get("w0", 0), counts.to_dict()
+
+
+def _launch(manifest, out, bundle_dir, text_encoder_dir, env_for_rank, world: int) -> list[subprocess.Popen]:
+    cmd = [sys.executable, "-m", "cxrgen", "generate", str(manifest), "-o", str(out), "--model", str(bundle_dir),
+           "--text-encoder", str(text_encoder_dir), "--steps", "2", "--num-images", "2", "--batch-size", "2",
+           "--image-format", "png", "--quiet"]
+    return [subprocess.Popen(cmd, env={**os.environ, **env_for_rank(r)}, stderr=subprocess.PIPE, text=True)
+            for r in range(world)]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
+def test_ranks_together_make_the_same_dataset(launcher, manifest, single, bundle_dir, text_encoder_dir, tmp_path):
+    out = tmp_path / launcher
+    if launcher == "torchrun":
+        env = lambda r: {"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)}  # noqa: E731
+    else:
+        # what srun sets in a job step (the batch script itself has SLURM_PROCID/SLURM_NTASKS but no step)
+        env = lambda r: {"SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),  # noqa: E731
+                         "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_ID": "77"}
+    procs = _launch(manifest, out, bundle_dir, text_encoder_dir, env, 2)
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    # a rank whose share is done waits for the other, so both end with the complete run: 0
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert_same_dataset(single, out)
+    assert merges(out) == 1
+    meta = pd.read_parquet(out / "metadata.parquet")
+    assert set(meta.worker) == {"rank0", "rank1"}
+
+
+def test_dead_rank_is_finished_by_resume_with_one_process(manifest, single, bundle_dir, text_encoder_dir, tmp_path):
+    out = tmp_path / "dead"
+    # Rank 1 of 2 is killed mid-run by SIGKILL after its first batch is journaled.
+    driver = tmp_path / "rank1.py"
+    driver.write_text(
+        "import os, signal, sys\n"
+        f"sys.path.insert(0, {str(Path(tiny.__file__).parent)!r})\n"
+        "import cxrgen.runs.journal as store\n"
+        "original = store.Journal.append\n"
+        "def append(self, records):\n"
+        "    original(self, records)\n"
+        "    if records: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "store.Journal.append = append\n"
+        "from cxrgen.cli import main\n"
+        "sys.argv = ['cxrgen'] + sys.argv[1:]\n"
+        "main()\n")
+    base = ["generate", str(manifest), "-o", str(out), "--model", str(bundle_dir), "--text-encoder",
+            str(text_encoder_dir), "--steps", "2", "--num-images", "2", "--batch-size", "2", "--image-format",
+            "png", "--quiet", "--rank-wait", "0"]
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2"}
+    killed = subprocess.run([sys.executable, str(driver), *base], env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    env0 = {**os.environ, "RANK": "0", "WORLD_SIZE": "2"}
+    first = subprocess.run([sys.executable, "-m", "cxrgen", *base], env=env0, capture_output=True, text=True)
+    # its share is done, rank 1 is dead with work left: nobody merges, and the exit code says "incomplete"
+    assert first.returncode == 3, first.stderr
+    assert not (out / "metadata.parquet").exists()
+    result = resume(out, quiet=True)
+    assert result.already_done > 0 and result.written > 0
+    assert_same_dataset(single, out)
+    assert merges(out) == 1
+
+
+def test_rank_env_parsing_and_shares():
+    assert rank_from_env({}) is None
+    assert rank_from_env({"RANK": "0", "WORLD_SIZE": "1"}) is None
+    assert rank_from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == Rank(3, 4, 1)
+    step = {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8"}
+    assert rank_from_env({"SLURM_PROCID": "2", "SLURM_NTASKS": "8", "SLURM_LOCALID": "2", **step}) == Rank(2, 8, 2)
+    # the batch script of an allocation is rank 0 of N by its variables, but it is no launch
+    assert rank_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "9"}) is None
+    assert rank_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "batch",
+                          "SLURM_STEP_NUM_TASKS": "4"}) is None
+    # an srun step of 2 tasks inside a 4-task allocation: the step's count is the world size
+    assert rank_from_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "3",
+                          "SLURM_STEP_NUM_TASKS": "2"}) == Rank(1, 2, 0)
+    from cxrgen.errors import InputError
+    with pytest.raises(InputError, match="RANK=5 is outside"):
+        rank_from_env({"RANK": "5", "WORLD_SIZE": "2"})
+    with pytest.raises(InputError, match="whole numbers"):
+        rank_from_env({"RANK": "x", "WORLD_SIZE": "2"})
+    from cxrgen.manifests.reader import Row
+    from cxrgen.manifests.workitems import make_plan
+    plan = make_plan(tuple(Row(number=i + 1, prompt="p") for i in range(7)), seed=0, num_images=1,
+                     guidance_scale=7.0, negative_prompt="", image_format="png")
+    shares = [rank_share(plan, Rank(r, 3, 0)) for r in range(3)]
+    assert sorted(i.index for s in shares for i in s) == list(range(7))  # every item exactly once
+
+
+def test_local_devices():
+    assert local_devices("auto", 1, 4) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    assert local_devices("cuda:0,cuda:2", 1, 4) == ["cuda:0", "cuda:2"]
+    assert local_devices("auto", 3, 0) == ["cpu", "cpu", "cpu"]
+    assert local_devices("cpu", 1, 2) == ["cpu"]
