@@ -4,7 +4,7 @@
 Everything but the sampling is cxrgen's real code. Three parts, each in a fresh child process so its
 peak memory is its own:
 
-  write      cxrgen.run.generate on a manifest of N images with an engine stand-in that returns
+  write      cxrgen.runs.generate.generate on a manifest of N images with an engine stand-in that returns
              ready-made 512 x 512 uint8 images instantly: plan, JPEG encoding, crash-safe writes
              (fsync + rename), journal, merge. images/s of the batch loop = the write path's ceiling.
   scale      for each size: a run folder built quickly (tiny stand-in image files, journal lines in the
@@ -108,7 +108,7 @@ class Instant:
 
 def part_write(args) -> dict:
     """images/s of generate's batch loop with instant sampling: real encoding, writes, journal."""
-    from cxrgen.run import generate
+    from cxrgen.runs.generate import generate
 
     root = Path(args.root)
     bundle, text = models(root)
@@ -129,9 +129,11 @@ def build_run(root: Path, images: int) -> tuple:
     import numpy as np
     from PIL import Image
 
-    from cxrgen.loop import make_record
-    from cxrgen.run import _pixel_settings, _run_json, load_models, load_plan
-    from cxrgen.store import Journal, file_check, write_json
+    from cxrgen.files import file_check, write_json
+    from cxrgen.manifests.workitems import load_plan
+    from cxrgen.runs.generate import _pixel_settings, _run_json, load_models
+    from cxrgen.runs.journal import Journal
+    from cxrgen.runs.loop import make_record
 
     bundle, text_dir = models(root)
     cfg = config(root, manifest(root / "m.csv", images, ROWS_IMAGES), bundle, text_dir, device="cpu")
@@ -170,8 +172,9 @@ def part_scale(args) -> dict:
     """Merge, resume start-up and status times on a finished run of args.images planned images."""
     import gc
 
-    from cxrgen.run import generate, load_plan
-    from cxrgen.state import finalize_once, inspect_run
+    from cxrgen.manifests.workitems import load_plan
+    from cxrgen.runs.generate import generate
+    from cxrgen.runs.state import finalize_once, inspect_run
 
     root = Path(args.root)
     started = time.perf_counter()
@@ -205,8 +208,9 @@ def part_scale(args) -> dict:
 def part_model(args) -> dict:
     """Seconds to load the full-size networks' checkpoints: meta-device build vs random init first."""
     import fake_model
-    from cxrgen.bundle import load_bundle, read_spec
-    from cxrgen.checkpoint import load_into, md5sum, read_state_dict
+
+    from cxrgen.model.bundle import load_bundle, read_spec
+    from cxrgen.model.checkpoint import load_into, md5sum, read_state_dict
 
     root = Path(args.root)
     bundle = fake_model.build_bundle(root / "bundle", tiny=False)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Images per second of `cxrgen evaluate` (cxrgen.evaluate.evaluate_run) on this machine.
+"""Images per second of `cxrgen evaluate` (cxrgen.evaluation.evaluate.evaluate_run) on this machine.
 
 Builds, in a work folder, torchxrayvision's DenseNet-121 with the `densenet121-res224-all` architecture and
 seeded random weights (pickled whole, like the release file), a finished run of N synthetic 512 x 512 JPEGs
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="keep the generated files here")
     args = parser.parse_args()
 
-    from cxrgen.evaluate import EvalOptions, evaluate_run
+    from cxrgen.evaluation.evaluate import EvalOptions, evaluate_run
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="cxrgen-eval-bench-"))
     work.mkdir(parents=True, exist_ok=True)

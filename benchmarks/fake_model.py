@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from cxrgen.checkpoint import to_old_layout
+from cxrgen.model.checkpoint import to_old_layout
 
 REPO = Path(__file__).resolve().parent.parent
 TOKENIZER_FILES = REPO / "tests" / "fixtures" / "sd2-tokenizer"  # data files, not test code

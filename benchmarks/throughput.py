@@ -8,7 +8,7 @@ a manifest of distinct report-like prompts. Then, in this one process and interl
   reference   docs/algorithm.md's single-image loop: models loaded once, float32, batch 1; per image
               tokenize ["", prompt], encode, DDIM with cat([x, x]) and u + g * (c - u), decode
               x / 0.3, clip * 255 -> uint8, save a JPEG.
-  cxrgen      cxrgen.run.generate on the same manifest into a fresh folder per repetition (real
+  cxrgen      cxrgen.runs.generate.generate on the same manifest into a fresh folder per repetition (real
               JPEGs, journal, metadata); images/s is over the batch loop, model loading is reported
               apart as load_s.
   bundle-cli  the bundle's own command pattern: load every network and the text encoder from
@@ -41,11 +41,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every file is local; never reach
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import fake_model  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-
-import fake_model  # noqa: E402
 
 UNET_TFLOP_PER_STEP = 0.6393  # per image, both guidance rows, 64x64 latent (torch flop counter; docs/performance.md)
 DECODE_TFLOP = 0.304  # per 512x512 image
@@ -120,7 +119,7 @@ def cpu_counters() -> tuple[float, int]:
 def default_allocator() -> None:
     """Put glibc's malloc back to its steady default before a reference phase.
 
-    cxrgen's engine tunes the process's allocator on CPU (cxrgen.engine.tune_cpu_allocator); the
+    cxrgen's engine tunes the process's allocator on CPU (cxrgen.model.engine.tune_cpu_allocator); the
     reference loop and the bundle's command run in plain processes that never do, so they must not
     profit from it here. glibc's default serves blocks above a dynamic threshold (at most 32 MiB) with
     mmap and trims at twice that; 32/64 MiB is the most generous steady state of that default.
@@ -253,7 +252,7 @@ def bundle_cli_child(job: dict) -> None:
 def run_cxrgen(config_kwargs: dict, out: Path, images: int) -> tuple[float, float]:
     """(seconds of the batch loop, seconds of the whole generate call) of one fresh run."""
     from cxrgen.config import RunConfig
-    from cxrgen.run import generate
+    from cxrgen.runs.generate import generate
 
     config = RunConfig(out=str(out), **config_kwargs)
     start = time.perf_counter()
@@ -328,7 +327,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="keep the generated model files here and reuse them next time (default: a temp dir)")
     parser.add_argument("--tiny", action="store_true", help="toy architecture (smoke test only; figures mean nothing)")
     args = parser.parse_args(argv)
-    from cxrgen.engine import resolve_device
+    from cxrgen.model.engine import resolve_device
 
     args.device = resolve_device(args.device)
     cuda = args.device.type == "cuda"
@@ -381,8 +380,8 @@ def compare_outputs(reference_dir: Path, cxrgen_dir: Path, items: list) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = args.device
-    from cxrgen.engine import resolve_dtype
-    from cxrgen.run import load_plan
+    from cxrgen.manifests.workitems import load_plan
+    from cxrgen.model.engine import resolve_dtype
 
     dtype = resolve_dtype(args.dtype, device)
     name = device_name(device)
