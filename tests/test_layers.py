@@ -119,7 +119,7 @@ def test_imports_point_down_and_nothing_cycles():
 
 @pytest.mark.parametrize("module, planted", [
     ("cxrgen.manifests.reader", "from cxrgen.runs.journal import read_records"),  # upward
-    ("cxrgen.hub.info", "    from cxrgen.evaluation.classifier import release_info"),  # lazy, upward
+    ("cxrgen.hub.info", "    from cxrgen.model.classifier import release_info"),  # lazy, upward
     ("cxrgen.publish.export", "from cxrgen.evaluation.metrics import label_map"),  # sideways
     ("cxrgen.hub.download", "from cxrgen.manifests.tokens import MAX_TOKENS"),  # sideways
     ("cxrgen.files", "from cxrgen.model.bundle import SCALE_FACTOR"),  # root importing upward
@@ -189,3 +189,15 @@ def test_cache_commands_never_import_torch(tmp_path, argv):
                           capture_output=True, text=True)
     assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
     assert "missing" in done.stdout or "missing" in done.stderr  # it really ran and looked at the empty cache
+
+
+def test_no_test_file_imports_another():
+    """Shared test code lives in tests/helpers.py and conftest.py files; a test module is never imported."""
+    tests = Path(__file__).resolve().parent
+    names = {p.stem for p in tests.rglob("test_*.py")}
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            clash = [t for t in targets if t.split(".")[-1] in names or t.split(".")[0] in names]
+            assert not clash, f"{path.relative_to(tests)} (line {node.lineno}) imports the test module {clash[0]}"

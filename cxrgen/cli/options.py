@@ -57,6 +57,11 @@ Verbose = Annotated[bool, typer.Option("--verbose", help="Let MONAI, transformer
                                        "own log lines.")]
 
 
+def default_out(manifest: Path) -> Path:
+    """generate's output folder when -o is not given: beside the manifest, named after it (never the manifest)."""
+    return manifest.with_suffix("") if manifest.suffix else manifest.with_name(manifest.name + "_out")
+
+
 def stay_offline(offline: bool, verbose: bool) -> bool:
     """Whether to stay offline (--offline or HF_HUB_OFFLINE, read here at the boundary); quiets library logs."""
     from cxrgen.hub.download import quiet_library_logs

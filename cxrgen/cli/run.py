@@ -29,6 +29,7 @@ from cxrgen.cli.options import (
     Shards,
     Verbose,
     Workers,
+    default_out,
     exit_for,
     fail,
     interrupted,
@@ -40,6 +41,7 @@ from cxrgen.errors import CxrgenError
 from cxrgen.pins import DEFAULT_MODEL, DEFAULT_TEXT_ENCODER
 
 _IGNORED = "Accepted so that a generate command line works unchanged; plan ignores it."
+
 
 def generate(
     manifest: ManifestArg,
@@ -82,7 +84,7 @@ def generate(
         from cxrgen.runs.generate import generate as run_generate
 
         # beside the manifest, named after it; a manifest without a suffix must not be its own output folder
-        out = out or (manifest.with_suffix("") if manifest.suffix else manifest.with_name(manifest.name + "_out"))
+        out = out or default_out(manifest)
         config = RunConfig(
             manifest=str(manifest.resolve()), out=str(out.resolve()), manifest_format=manifest_format,
             prompt_column=prompt_column, allow_empty_prompt=allow_empty_prompt, model=model,
@@ -226,7 +228,7 @@ def plan(
     try:
         from cxrgen.manifests.plan import plan_run
 
-        out = out or (manifest.with_suffix("") if manifest.suffix else manifest.with_name(manifest.name + "_out"))
+        out = out or default_out(manifest)
         config = RunConfig(
             manifest=str(manifest), out=str(out.resolve()), manifest_format=manifest_format,
             prompt_column=prompt_column, allow_empty_prompt=allow_empty_prompt, text_encoder=text_encoder,

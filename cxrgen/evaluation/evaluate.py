@@ -28,7 +28,10 @@ from tqdm import tqdm
 from cxrgen import __version__
 from cxrgen.errors import InputError, RunError
 from cxrgen.evaluation import metrics as em
-from cxrgen.evaluation.classifier import (
+from cxrgen.extras import require_extra
+from cxrgen.files import atomic_write, resume_command
+from cxrgen.hub.sources import Source
+from cxrgen.model.classifier import (
     FEATURES,
     RELEASE,
     Evaluator,
@@ -37,9 +40,6 @@ from cxrgen.evaluation.classifier import (
     release_info,
     resolve_weights,
 )
-from cxrgen.extras import require_extra
-from cxrgen.files import atomic_write, resume_command
-from cxrgen.hub.sources import Source
 from cxrgen.runs.journal import EVAL_DIR, METADATA_SCHEMA
 from cxrgen.runs.state import read_run_json
 

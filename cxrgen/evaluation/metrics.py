@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from cxrgen.errors import InputError
-from cxrgen.evaluation.classifier import FEATURES
+from cxrgen.model.classifier import FEATURES
 
 FID_UNBIASED_AT = 1024  # below this many images on either side FID is biased upwards (and the report says so)
 KID_SUBSET_SIZE = 1000  # torchmetrics' default; smaller sets use all their images per subset

@@ -25,11 +25,10 @@ from helpers import assert_input_error
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-import cxrgen.evaluation.classifier
 import cxrgen.hub.download
+import cxrgen.model.classifier
 from cxrgen.cli import app
 from cxrgen.errors import InputError
-from cxrgen.evaluation.classifier import Evaluator, resolve_weights
 from cxrgen.evaluation.evaluate import EvalOptions, evaluate_run
 from cxrgen.evaluation.metrics import (
     group_pairs,
@@ -40,6 +39,7 @@ from cxrgen.evaluation.metrics import (
 )
 from cxrgen.hub.download import MARKER, evaluator_component, is_staged
 from cxrgen.hub.sources import WebSource
+from cxrgen.model.classifier import Evaluator, resolve_weights
 
 runner = CliRunner()
 PATHOLOGIES = [p for p in te.RELEASE["labels"] if p]
@@ -109,7 +109,7 @@ def fidelity(tmp_path_factory, weights):
     for i, pixels in enumerate(originals):  # nested folders and both formats: the search is recursive
         te.write_image(real / f"part{i % 2}" / f"r{i:02d}.{'png' if i % 3 else 'jpg'}", pixels)
     # The synthetic "run" holds exactly the real files' pixels after their own encoding.
-    decoded = [cxrgen.evaluation.classifier.decode_gray(p) for p in sorted(real.rglob("r*.*"))]
+    decoded = [cxrgen.model.classifier.decode_gray(p) for p in sorted(real.rglob("r*.*"))]
     same = te.make_run(root / "same", decoded)
     bright = te.make_run(root / "bright", te.images(12, seed=1, brighten=60))
     counts = {}
@@ -391,14 +391,14 @@ def test_weights_are_fetched_once_into_cxrgen_home_through_the_source(tmp_path, 
 
 def test_default_source_downloads_through_a_temporary_name(tmp_path, weights, monkeypatch):
     # a file:// URL exercises the real download code (cxrgen.hub.sources.WebSource) without any network
-    release = cxrgen.evaluation.classifier.release_info()
-    monkeypatch.setattr(cxrgen.evaluation.classifier, "release_info", lambda: {**release, "url": weights.as_uri()})
+    release = cxrgen.model.classifier.release_info()
+    monkeypatch.setattr(cxrgen.model.classifier, "release_info", lambda: {**release, "url": weights.as_uri()})
     dest = resolve_weights(None, tmp_path / "home", progress=False)
     assert dest == (tmp_path / "home" / "torchxrayvision" / te.RELEASE_FILE).resolve()
     assert dest.read_bytes() == weights.read_bytes()
     assert sorted(p.name for p in dest.parent.iterdir()) == sorted([te.RELEASE_FILE, MARKER])  # no .part left
     absent = (tmp_path / "absent.pt").as_uri()
-    monkeypatch.setattr(cxrgen.evaluation.classifier, "release_info", lambda: {**release, "url": absent, "file_name": "other.pt"})
+    monkeypatch.setattr(cxrgen.model.classifier, "release_info", lambda: {**release, "url": absent, "file_name": "other.pt"})
     with pytest.raises(InputError, match="cannot download the evaluator weights"):
         resolve_weights(None, tmp_path / "home", progress=False)
     assert sorted(p.name for p in dest.parent.iterdir()) == sorted([te.RELEASE_FILE, MARKER])  # nothing half-written

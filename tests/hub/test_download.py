@@ -309,7 +309,7 @@ def test_dtype_spellings_of_other_tools(tmp_path):
 
 
 def test_dtype_alias_is_recorded_canonically_and_resumes(tmp_path, bundle_dir, text_encoder_dir, one_torch_thread):
-    from test_cli import run_args
+    from helpers import run_args
 
     manifest = tmp_path / "m.csv"
     manifest.write_text("prompt\nSmall effusion\n")

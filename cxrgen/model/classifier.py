@@ -1,4 +1,4 @@
-"""The evaluation's classifier: torchxrayvision's DenseNet-121 `densenet121-res224-all`.
+"""The chest X-ray classifier of `cxrgen evaluate`: torchxrayvision's DenseNet-121 `densenet121-res224-all`.
 
 Finds or downloads its release file, loads it without running code from the file (an allow-list of
 classes), preprocesses images exactly as torchxrayvision expects, and returns the 1024-d `features2`
