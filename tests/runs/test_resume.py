@@ -28,6 +28,7 @@ from helpers import RESUME_MANIFEST as MANIFEST
 from PIL import Image
 from typer.testing import CliRunner
 
+import cxrgen.files
 import cxrgen.runs.generate
 import cxrgen.runs.journal
 import cxrgen.runs.lock
@@ -457,7 +458,8 @@ def test_full_disk_or_io_error_ends_cleanly_then_resume_completes(where, err, vi
         handle = real_open(file, mode, *a, **k)
         return _FailingFile(handle, fail_on, err) if failing(Path(file).name) else handle
     with monkeypatch.context() as patch:
-        patch.setattr(cxrgen.runs.journal, "open", fake_open, raising=False)
+        # images are written by cxrgen.files.atomic_write, records by the journal: patch the module that opens the file
+        patch.setattr(cxrgen.files if where == "image" else cxrgen.runs.journal, "open", fake_open, raising=False)
         if via == "cli":
             result = runner.invoke(app, args(out))
             assert result.exit_code == 1
