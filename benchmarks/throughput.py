@@ -14,7 +14,7 @@ a manifest of distinct report-like prompts. Then, in this one process and interl
   bundle-cli  the bundle's own command pattern: load every network and the text encoder from
               disk, then make one image; repeated per image.
 
-The last line printed is one JSON object (see the README / docs/performance.md).
+The last line printed is one JSON object (see docs/performance.md).
 
     python benchmarks/throughput.py                      # CPU defaults: 4 steps, 4 images, 2 repetitions
     python benchmarks/throughput.py --device cuda        # 50 steps, 64 images, bf16 autocast for cxrgen

@@ -1,6 +1,6 @@
 """Image files with their synthetic-image marker: one JSON object in a JPEG comment or a PNG iTXt chunk.
 
-A file copied out of its folder still says that it is synthetic, what made it and how (docs: README,
+A file copied out of its folder still says that it is synthetic, what made it and how (docs/generating.md,
 "Provenance inside every file"). Read it back with `read_provenance(path)` or Pillow: `Image.open(f).info`.
 """
 from __future__ import annotations

@@ -32,7 +32,7 @@ def test_every_file_carries_its_marker_equal_to_metadata_and_run_json(run):
     rows = pq.read_table(run / "metadata.parquet").to_pylist()
     assert len(rows) == 5
     for row in rows:
-        with Image.open(run / row["file_name"]) as image:  # Pillow alone, as the README says
+        with Image.open(run / row["file_name"]) as image:  # Pillow alone, as docs/generating.md says
             raw = image.info["comment"] if image.format == "JPEG" else image.info[PNG_KEY]
         marker = json.loads(raw)
         assert marker == read_provenance(run / row["file_name"]) == provenance_of(row)

@@ -16,7 +16,7 @@ from cxrgen.errors import CxrgenError
 from cxrgen.runs.workers import rank_from_env
 
 # Options shared by generate and resume: speed options, which never change which images exist or their
-# seeds (float rounding of batched kernels aside: README, "What a resume gives").
+# seeds (float rounding of batched kernels aside: docs/generating.md, "What a resume gives").
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per UNet call; 0 picks one for the device.")]
 DecodeBatch = Annotated[int, typer.Option("--decode-batch-size", help="Latents per decoder call; 0 = 1 on CPU, "
                                           "8 on CUDA.")]

@@ -14,7 +14,6 @@ from cxrgen.hub.download import bundle_component, stage
 from cxrgen.hub.sources import Source
 from cxrgen.model.checkpoint import load_into, md5sum, read_state_dict
 
-# md5 of the published checkpoints (docs/algorithm.md); a download is checked against these.
 SCALE_FACTOR = 0.3  # latent scaling of the bundle's sampler (scripts/sampler.py)
 _CLASSES = {"AutoencoderKL": "autoencoder_def", "DiffusionModelUNet": "diffusion_def"}
 _SCHEDULES = {"scaled_linear": "scaled_linear_beta", "linear": "linear_beta"}

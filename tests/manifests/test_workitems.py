@@ -29,7 +29,7 @@ def plan(rows, *, seed=0, num_images=1, guidance_scale=7.0, negative_prompt="", 
 
 
 def expected_seed(base: int, row_key: str, k: int) -> int:
-    """The README's rule, written out independently of cxrgen."""
+    """The rule of docs/manifests.md, written out independently of cxrgen."""
     digest = hashlib.sha256(f"cxrgen-seed:{base}:{row_key}:{k}".encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") >> 1
 

@@ -35,7 +35,7 @@ def model():
 
 
 def contract_noise(seeds) -> torch.Tensor:
-    """README's noise contract, written out here and not taken from cxrgen (so it can catch a contract bug)."""
+    """The noise contract of docs/algorithm.md, written out here and not taken from cxrgen (so it can catch a contract bug)."""
     return torch.cat([torch.randn((1, *tiny.LATENT), generator=torch.Generator("cpu").manual_seed(s),
                                   dtype=torch.float32) for s in seeds])
 

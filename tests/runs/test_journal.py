@@ -168,7 +168,7 @@ def same_dataset(a: Path, b: Path) -> None:
     ta, tb = (pq.read_table(p / "metadata.parquet").drop(["created_at", "worker"]) for p in (a, b))
     assert ta.equals(tb)
     for name in ta.column("file_name").to_pylist():
-        # other batches around an image may round its last float bits differently (README)
+        # other batches around an image may round its last float bits differently (docs/generating.md)
         with Image.open(a / name) as x, Image.open(b / name) as y:
             diff = np.abs(np.asarray(x, dtype=int) - np.asarray(y, dtype=int))
         assert diff.max() <= 1 and (diff == 0).mean() >= 0.999, name
