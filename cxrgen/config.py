@@ -42,11 +42,11 @@ class RunConfig:
     seed: int = 0  # base seed; each image's seed derives from it, the row identity and the sample index
     steps: int = 50  # num_inference_steps of the scheduler, as the model card uses
     scheduler: str = "ddim"  # "ddim" (the model card's) or "dpmpp2m" (DPM-Solver++(2M), fewer steps)
-    batch_size: int = 0  # images per UNet call; 0 picks one for the device
+    batch_size: int = 0  # images per UNet call; 0 = 4 on CPU, sized from each GPU's free memory and first batch
     decode_batch_size: int = 0  # latents per decoder call; 0 = 1 on CPU (least memory), 8 on CUDA
-    device: str = "auto"  # "auto" (every visible GPU, else CPU), "cpu", "cuda:N" or a list "cuda:0,cuda:2"
-    dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 (or float16) autocast on CUDA
-    channels_last: bool = False  # channels_last memory format for the UNet (a CUDA speed option)
+    device: str = "auto"  # "auto" (every visible GPU, else CPU), "cpu", "cuda" (all GPUs; a rank's own), "cuda:N", list
+    dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 autocast on CUDA (float16 below compute capability 8.0)
+    channels_last: bool = False  # channels_last memory format for the UNet (measure it before relying on it)
     compile: bool = False  # torch.compile the UNet; compile time is reported separately
     image_format: str = "jpg"  # "jpg" or "png" (lossless)
     jpeg_quality: int = 95  # JPEG quality 1-95, ignored for png

@@ -36,8 +36,12 @@ def file_check(data: bytes) -> dict:
     return {"file_bytes": len(data), "file_crc32": zlib.crc32(data)}
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, rename into place, fsync the folder."""
+def atomic_write(path: Path, data: bytes, sync_folder: bool = True) -> None:
+    """Write to a temporary name in the same folder, fsync, rename into place, fsync the folder.
+
+    sync_folder=False leaves the folder's fsync (which makes the rename durable) to the caller, who can then
+    make many renames in one folder durable with one fsync_dir, before recording any of them.
+    """
     # Unique across hosts and containers sharing the folder (pids repeat there), not just across processes.
     tmp = path.with_name(f".{path.name}{TMP_MARK}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
     try:
@@ -47,7 +51,8 @@ def atomic_write(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        if sync_folder:
+            fsync_dir(path.parent)
     except OSError as exc:
         _unlink_quietly(tmp)
         raise io_error(path, exc) from None

@@ -232,3 +232,17 @@ def decoder_oom_above_one_latent(engine, name: str):
 
     engine.decode, engine.denoise = decode, denoise
     return engine
+
+
+def record_device(engine, name: str, folder: str = ""):
+    """engine_hook for tests: each worker writes its engine's device, the device of its weights and its current
+    CUDA device to folder/<name>."""
+    import json
+
+    import torch
+
+    device = engine.options.device
+    (Path(folder) / name).write_text(json.dumps({
+        "device": str(device), "weights": str(next(engine.unet.parameters()).device),
+        "current": torch.cuda.current_device() if device.type == "cuda" else None}))
+    return engine

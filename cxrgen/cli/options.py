@@ -17,13 +17,16 @@ from cxrgen.runs.workers import rank_from_env
 
 # Options shared by generate and resume: speed options, which never change which images exist or their
 # seeds (float rounding of batched kernels aside: docs/generating.md, "What a resume gives").
-BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per UNet call; 0 picks one for the device.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per UNet call; 0: 4 on CPU, on a GPU sized "
+                                        "from its free memory by the process using it, then from its first batch.")]
 DecodeBatch = Annotated[int, typer.Option("--decode-batch-size", help="Latents per decoder call; 0 = 1 on CPU, "
                                           "8 on CUDA.")]
 Device = Annotated[str, typer.Option("--device", "--devices", help="auto (every visible GPU, else CPU), cpu, "
+                                     "cuda (every visible GPU; under torchrun/srun this rank's, LOCAL_RANK), "
                                      "cuda:N, or a list such as cuda:0,cuda:2 (one worker per device).")]
 Workers = Annotated[int, typer.Option("--workers", help="Worker processes on this machine (CPU: N processes).")]
-ChannelsLast = Annotated[bool, typer.Option("--channels-last", help="channels_last UNet (CUDA speed option).")]
+ChannelsLast = Annotated[bool, typer.Option("--channels-last", help="channels_last UNet; not shown to be faster "
+                                            "yet: measure it (benchmarks/gpu_check.py reports its ratio).")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (compile time reported apart).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
 RankWait = Annotated[Optional[float], typer.Option(

@@ -60,8 +60,9 @@ def generate(
     steps: Annotated[int, typer.Option(help="Denoising steps (num_inference_steps); the model card uses 50, "
                                        "--scheduler dpmpp2m needs fewer (e.g. 20).")] = 50,
     scheduler: Annotated[str, typer.Option(help="ddim (the model card's) or dpmpp2m (DPM-Solver++(2M)).")] = "ddim",
-    dtype: Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, "
-                                       "float16 (or fp32, bf16, fp16).")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (float32 on CPU; on CUDA bfloat16, or float16 on GPUs older than "
+                                       "compute capability 8.0), float32 (no TF32), bfloat16, float16 (or fp32, "
+                                       "bf16, fp16).")] = "auto",
     image_format: Annotated[str, typer.Option(help="jpg or png (lossless).")] = "jpg",
     jpeg_quality: Annotated[int, typer.Option(help="JPEG quality, 1-95.")] = 95,
     file_names: Annotated[str, typer.Option(help="index: images/00000/00000042.jpg (safe for every loader); "
@@ -112,7 +113,7 @@ def resume(
     decode_batch_size: Annotated[Optional[int], typer.Option("--decode-batch-size", help="Latents per decoder "
                                                              "call; 0 = 1 on CPU, 8 on CUDA. [default: the saved "
                                                              "value]")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", "--devices", help="auto, cpu, cuda:N or a list "
+    device: Annotated[Optional[str], typer.Option("--device", "--devices", help="auto, cpu, cuda, cuda:N or a list "
                                                   "cuda:0,cuda:2. [default: the saved value]")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Worker processes on this machine. "
                                                    "[default: the saved value]")] = None,

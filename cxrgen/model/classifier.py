@@ -126,6 +126,8 @@ class Evaluator:
 
     def forward(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """features2 (B, 1024) and calibrated scores (B, len(pathologies)) of preprocessed images, one pass."""
+        if self.device.type == "cuda":  # a copy from pinned memory runs asynchronously; from pageable memory it cannot
+            batch = batch.pin_memory()
         x = batch.to(self.device, non_blocking=True)
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)  # about 2x faster convolutions on CPU

@@ -1,4 +1,4 @@
-"""Loaded networks plus the per-batch work: embeddings, noise, guided sampling, decoding."""
+"""Loaded networks plus the per-batch work: embeddings, noise, guided sampling, decoding, memory back-off."""
 from __future__ import annotations
 
 import contextlib
@@ -14,69 +14,27 @@ import torch
 from cxrgen.errors import InputError, RunError
 from cxrgen.manifests.workitems import WorkItem
 from cxrgen.model.bundle import SCALE_FACTOR, LoadedBundle
-from cxrgen.model.sampling import decode_to_uint8, initial_latents, sample_cfg
+from cxrgen.model.devices import (  # noqa: F401 - resolve_device/default_batch_size: the engine's public names
+    auto_batch_size,
+    calibrated_batch_size,
+    default_batch_size,
+    default_decode_batch_size,
+    is_out_of_memory,
+    release_memory,
+    resolve_device,
+    use_device,
+    usable_bytes,
+)
+from cxrgen.model.precision import (  # noqa: F401 - resolve_dtype/dtype_supported: the engine's public names
+    DTYPES,
+    dtype_supported,
+    fold_attention_scale,
+    resolve_dtype,
+    set_precision,
+)
+from cxrgen.model.sampling import NonFinite, decode_to_uint8, initial_latents, nonfinite_rows, sample_cfg
 from cxrgen.model.schedulers import make_scheduler
 from cxrgen.model.text_encoder import TextEncoder
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    """auto -> cuda when available, else cpu; a CUDA request without CUDA is an input error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s); "
-                             f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    return resolved
-
-
-def dtype_supported(dtype: str, device: torch.device) -> bool:
-    """Whether cxrgen can sample in this dtype on this device (CPU autocast: bfloat16 only)."""
-    if dtype == "float32":
-        return True
-    if device.type == "cuda":
-        return dtype == "float16" or torch.cuda.is_bf16_supported()
-    return dtype == "bfloat16"
-
-
-def resolve_dtype(dtype: str, device: torch.device, recorded: str | None = None) -> str:
-    """auto -> the dtype a resumed run was made in when this device can run it; else float32 on CPU,
-    bfloat16 on CUDA (float16 where the GPU lacks bfloat16)."""
-    if dtype != "auto":
-        return dtype
-    if recorded is not None and recorded in _DTYPES and dtype_supported(recorded, device):
-        return recorded
-    if device.type != "cuda":
-        return "float32"
-    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-
-
-def default_batch_size(device: torch.device) -> int:
-    """Images per UNet call when --batch-size is 0: small on CPU, sized from free memory on CUDA."""
-    if device.type != "cuda":
-        return 4
-    free, _ = torch.cuda.mem_get_info(device)
-    # ~0.45 GiB of activations per image at 512x512 in 16-bit autocast (2 guidance rows), measured
-    # headroom kept for the decoder and the allocator.
-    return int(max(1, min(128, (free - 6 * 2**30) // int(0.45 * 2**30))))
-
-
-def default_decode_batch_size(device: torch.device) -> int:
-    """Latents per decoder call when --decode-batch-size is 0: one at a time on CPU, 8 on CUDA.
-
-    On CPU one-at-a-time decoding used less CPU time than whole-batch decoding and cut a 4-image
-    batch's peak RSS from 6.0 to 3.7 GiB (docs/performance.md). On CUDA a 512x512 float32 decode holds
-    several 128 MiB activations per image, so a whole 64-128 image batch would not fit; 8 keeps the
-    decoder's share of memory small. Every image decodes on its own, so only float rounding of the
-    batched kernels can depend on it.
-    """
-    return 1 if device.type == "cpu" else 8
-
 
 def check_widths(bundle: LoadedBundle, text: TextEncoder) -> None:
     """The text encoder's width must equal the UNet's cross_attention_dim."""
@@ -119,6 +77,7 @@ class EngineOptions:
     decode_batch_size: int = 0
     channels_last: bool = False
     compile: bool = False
+    batch_size: int = 0  # images per UNet call wanted; 0 = sized for the device (and calibrated on a GPU)
 
 
 class Engine:
@@ -127,25 +86,46 @@ class Engine:
     def __init__(self, bundle: LoadedBundle, text: TextEncoder, options: EngineOptions):
         check_widths(bundle, text)
         self.bundle, self.text, self.options = bundle, text, options
-        if options.device.type == "cpu":
+        device = options.device
+        use_device(device)
+        set_precision(device, options.dtype)
+        if device.type == "cpu":
             tune_cpu_allocator()
-        else:
-            # Fixed shapes every step: let cuDNN pick its fastest kernels; TF32 where float32 remains
-            # (the decoder), whose rounding is far below one gray level.
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        self.unet = bundle.unet.to(options.device)
-        self.autoencoder = bundle.autoencoder.to(options.device)
+        self.unet = bundle.unet.to(device)
+        self.autoencoder = bundle.autoencoder.to(device)
+        if options.dtype == "float16":
+            fold_attention_scale(self.unet)
         if options.channels_last:
             self.unet = self.unet.to(memory_format=torch.channels_last)
-        self._unet_call = torch.compile(self.unet) if options.compile else self.unet
-        self.max_batch = 0  # lowered after an out-of-memory error; 0 = no limit
-        self.decode_batch = options.decode_batch_size or default_decode_batch_size(options.device)
+        # Static shapes: every call is padded to the compiled batch size (_padded), so neither the last
+        # partial batch nor a later smaller one compiles again.
+        self._unet_call = torch.compile(self.unet, dynamic=False) if options.compile else self.unet
+        self.static_shapes = options.compile
+        self.decode_batch = options.decode_batch_size or default_decode_batch_size(device)
+        # One text-encoder call per batch on a GPU, where each call costs a host-device round trip; one per
+        # prompt on the CPU, where that keeps an embedding independent of its batch (bit-identical resumes).
+        self.batched_prompts = device.type == "cuda"
+        self._budget = 0  # bytes the allocator may hold on a GPU (set by _auto_batch_size)
+        # The batch size callers should cut batches to: asked, or sized from free memory, then calibrated
+        # by the first batch's measured peak on a GPU and lowered after an out-of-memory error.
+        self.batch_size = options.batch_size or self._auto_batch_size()
+        self._calibrate = options.batch_size == 0 and device.type == "cuda"
+        self.fit = 0  # the largest chunk that ran
+        self.fail = 0  # the smallest chunk that ran out of memory (0: none yet)
+        self.compiled_batch = 0
+        self.rows_run = 0  # images in the last UNet call, padding included
         self.first_batch_seconds: float | None = None  # includes torch.compile's compilation
 
+    def _auto_batch_size(self) -> int:
+        device = self.options.device
+        if device.type != "cuda":
+            return default_batch_size(device)
+        free, _ = torch.cuda.mem_get_info(device)  # after the weights moved here: what the batches may use
+        self._budget = torch.cuda.memory_allocated(device) + usable_bytes(free)
+        return auto_batch_size(free, self.options.dtype, self.bundle.spec.latent_shape)
+
     def _autocast(self):
-        dtype = _DTYPES[self.options.dtype]
+        dtype = DTYPES[self.options.dtype]
         if dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.options.device.type, dtype=dtype)
@@ -166,46 +146,123 @@ class Engine:
         return initial_latents([i.seed for i in items], self.bundle.spec.latent_shape).to(self.options.device)
 
     def run_batch(self, items: list[WorkItem], on_step=None) -> torch.Tensor:
-        """(B, H, W) uint8 images for the items, in order; on out-of-memory the batch is halved, not lost."""
-        size = self.max_batch
-        if size and len(items) > size:
-            return torch.cat([self.run_batch(items[i:i + size], on_step) for i in range(0, len(items), size)])
+        """(B, H, W) uint8 images for the items, in order; on out-of-memory the batch is cut, not lost.
+
+        A chunk that runs out of memory is retried at half its size, then bisected up to the largest size
+        that fits (with --compile only halved: each new size compiles again). Each image owns its noise,
+        so smaller chunks give the same images, up to float rounding.
+        """
+        parts, start = [], 0
+        while start < len(items):
+            size = min(len(items) - start, self._limit() or len(items))
+            images = self._attempt(items[start:start + size], on_step)
+            if images is not None:
+                parts.append(images)
+                start += size
+        if self.fail:
+            self.batch_size = min(self.batch_size, self._limit())
+        return torch.cat(parts)
+
+    def _limit(self) -> int:
+        """The chunk size to try next after an out-of-memory error; 0 while there was none."""
+        if not self.fail:
+            return 0
+        half = max(1, self.fail // 2)
+        if self.static_shapes:  # each new size compiles again: halve only
+            return max(self.fit, half)
+        if not self.fit:
+            return half
+        return (self.fit + self.fail) // 2 if self.fail - self.fit > 1 else self.fit
+
+    def _attempt(self, items: list[WorkItem], on_step) -> torch.Tensor | None:
+        """The chunk's images, or None after an out-of-memory error (with the memory it held released)."""
         try:
-            started = time.perf_counter()
-            images = self._run_batch(items, on_step)
-            if self.first_batch_seconds is None:
-                self.first_batch_seconds = time.perf_counter() - started
-            return images
-        except torch.cuda.OutOfMemoryError:
-            if len(items) == 1:
-                raise RunError(f"out of GPU memory on {self.options.device} even for one image; free the GPU "
-                               "or use --dtype bfloat16") from None
-            # Each image owns its noise, so smaller batches give the same images (up to float rounding).
-            torch.cuda.empty_cache()
-            self.max_batch = len(items) // 2
-            return self.run_batch(items, on_step)
+            return self._timed(items, on_step)
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
+        # Only here, outside the except block, are the exception and its traceback gone, and with them every
+        # tensor of the failed attempt: retrying inside the block would run with that memory still held.
+        if len(items) == 1:
+            raise RunError(f"out of GPU memory on {self.options.device} even for one image; free the GPU "
+                           "(another process may hold its memory), then resume")
+        self.fail = len(items)
+        if self.fit >= self.fail:
+            self.fit = 0  # what ran before no longer fits (another process, fragmentation): start over
+        release_memory(self.options.device)
+        return None
+
+    def _timed(self, items: list[WorkItem], on_step) -> torch.Tensor:
+        device, calibrate = self.options.device, self._calibrate and not self.fail
+        if calibrate:
+            torch.cuda.reset_peak_memory_stats(device)
+            start_bytes = torch.cuda.memory_allocated(device)
+        started = time.perf_counter()
+        images = self._run_batch(items, on_step)
+        if self.first_batch_seconds is None:
+            self.first_batch_seconds = time.perf_counter() - started
+        self.fit = max(self.fit, len(items))
+        if calibrate:  # once: the first batch's real peak replaces the estimate
+            self._calibrate = False
+            self.batch_size = calibrated_batch_size(self.batch_size, self.rows_run, start_bytes,
+                                                    torch.cuda.max_memory_allocated(device), self._budget)
+        return images
+
+    def _padded(self, items: list[WorkItem]) -> list[WorkItem]:
+        """With --compile, the items plus copies of the last one up to the compiled batch size."""
+        if not self.static_shapes:
+            return items
+        n = len(items)
+        # The first call fixes the size; a larger chunk (after calibration) or one after an out-of-memory
+        # error at the compiled size compiles once more at its own size.
+        if not self.compiled_batch or n > self.compiled_batch or (self.fail and self.compiled_batch >= self.fail):
+            self.compiled_batch = n
+        return items + [items[-1]] * (self.compiled_batch - n)
 
     @torch.no_grad()
     def _run_batch(self, items: list[WorkItem], on_step=None) -> torch.Tensor:
-        device = self.options.device
-        # 1. prompt_embeds and negative prompt_embeds, cached per distinct prompt
-        prompt_embeds = self.text.encode([i.prompt for i in items], device)
-        negative_embeds = self.text.encode([i.negative_prompt for i in items], device)
+        device, real = self.options.device, len(items)
+        items = self._padded(items)
+        self.rows_run = len(items)
+        # 1. prompt_embeds and negative prompt_embeds: one encoder call for what the cache lacks (on a GPU)
+        embeds = self.text.encode([i.prompt for i in items] + [i.negative_prompt for i in items], device,
+                                  batched=self.batched_prompts)
+        prompt_embeds, negative_embeds = embeds[:len(items)], embeds[len(items):]
         guidance_scale = torch.tensor([i.guidance_scale for i in items], dtype=torch.float32, device=device)
         # 2. guided sampling from each image's own noise
         scheduler = make_scheduler(self.options.scheduler, self.bundle.spec.scheduler_args, self.options.steps)
         latents = sample_cfg(self.denoise, self.latents(items), prompt_embeds, negative_embeds,
                              guidance_scale, scheduler, on_step=on_step)
-        # 3. decode to pixels exactly as the reference converts them
-        return self._decode(latents)
+        # 3. decode to pixels exactly as the reference converts them (padding dropped first)
+        return self._decode(latents[:real], items[:real])
 
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode in sub-batches; on out-of-memory only the decoder's sub-batch shrinks (no re-sampling)."""
-        while True:
-            try:
-                return decode_to_uint8(self.decode, latents, SCALE_FACTOR, self.decode_batch)
-            except torch.cuda.OutOfMemoryError:
-                if self.decode_batch == 1:
-                    raise
-                torch.cuda.empty_cache()
+    def _decode(self, latents: torch.Tensor, items: list[WorkItem]) -> torch.Tensor:
+        """Decode in sub-batches, finite values only; on out-of-memory only the decoder's sub-batch shrinks."""
+        try:
+            bad = nonfinite_rows(latents)  # one host-device sync per batch: a NaN would become a black image
+            if bad:
+                raise NonFinite(bad, "sampled latents")
+            while True:
+                try:
+                    return decode_to_uint8(self.decode, latents, SCALE_FACTOR, self.decode_batch)
+                except RuntimeError as exc:
+                    if not is_out_of_memory(exc) or self.decode_batch == 1:
+                        raise
+                # outside the except block, so the failed sub-batch's activations are gone (see _attempt)
+                release_memory(self.options.device)
                 self.decode_batch = max(1, min(self.decode_batch, latents.shape[0]) // 2)
+        except NonFinite as exc:
+            raise self._nonfinite_error(exc, items) from None
+
+    def _nonfinite_error(self, exc: NonFinite, items: list[WorkItem]) -> RunError:
+        names = ", ".join(items[row].image_id for row in exc.rows[:3])
+        where = f"{self.options.dtype} on {self.options.device}"
+        if self.options.dtype == "float16":
+            fix = ("float16's range is too small for this model here; start a new run with --dtype bfloat16 "
+                   "(GPUs of compute capability 8.0 or newer) or --dtype float32 (a resume in float16 fails the "
+                   "same way)")
+        else:
+            fix = "check the model files (a damaged or foreign checkpoint gives NaN) and the GPU, then resume"
+        return RunError(f"{len(exc.rows)} of {len(items)} image(s) of a batch came out as NaN or inf in the "
+                        f"{exc.stage} ({where}), e.g. {names}; nothing of that batch was written (a NaN would "
+                        f"have become a black image): {fix}")

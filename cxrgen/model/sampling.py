@@ -1,4 +1,4 @@
-"""Pure tensor code: initial noise per seed, batched classifier-free guidance, decoding to uint8."""
+"""Pure tensor code: initial noise per seed, batched classifier-free guidance, decoding to uint8 (finite only)."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -8,6 +8,20 @@ import torch
 # denoise(x, timesteps, context) -> model output in float32; the caller owns autocast and device.
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Decoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+class NonFinite(Exception):
+    """NaN or inf where pixels come from; `rows` are the images (rows of the batch) affected."""
+
+    def __init__(self, rows: list[int], stage: str):
+        super().__init__(f"non-finite values in the {stage} of row(s) {rows}")
+        self.rows, self.stage = rows, stage
+
+
+def nonfinite_rows(x: torch.Tensor) -> list[int]:
+    """Indices of the rows of x that hold a NaN or an inf: one host-device transfer of B booleans."""
+    finite = torch.isfinite(x).flatten(1).all(1).cpu()
+    return [] if bool(finite.all()) else [i for i, ok in enumerate(finite.tolist()) if not ok]
 
 
 def initial_latents(seeds: Sequence[int], latent_shape: Sequence[int]) -> torch.Tensor:
@@ -48,11 +62,17 @@ def sample_cfg(denoise: Denoiser, latents: torch.Tensor, prompt_embeds: torch.Te
 @torch.no_grad()
 def decode_to_uint8(decode: Decoder, latents: torch.Tensor, scale_factor: float,
                     decode_batch_size: int = 0) -> torch.Tensor:
-    """Decode latents / scale_factor in sub-batches and convert as the reference: clip, x255, truncate."""
+    """Decode latents / scale_factor in sub-batches and convert as the reference: clip, x255, truncate.
+
+    Raises NonFinite rather than convert: the cast to uint8 would turn NaN into 0, a black image.
+    """
     step = decode_batch_size or latents.shape[0]
     images = []
     for start in range(0, latents.shape[0], step):
         image = decode(latents[start:start + step] / scale_factor).float()
+        bad = nonfinite_rows(image)
+        if bad:
+            raise NonFinite([start + row for row in bad], "decoded images")
         images.append(to_uint8(image))
     return torch.cat(images)
 

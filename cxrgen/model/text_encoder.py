@@ -19,8 +19,9 @@ from cxrgen.hub.sources import hub_unreachable
 
 MAX_TOKENS = 77
 MIN_VOCAB = 1000  # a real CLIP vocabulary has 49,408 tokens; fewer means the tokenizer files were not found
-# Distinct prompt_embeds kept on the CPU, least recently used dropped first: about 315 kB each at width
-# 1024, so ~80 MB per worker. Plan order keeps a row's images together, so a prompt rarely returns later.
+# Distinct prompt_embeds kept (on the CPU, or on the GPU that encodes them), least recently used dropped first:
+# about 315 kB each at width 1024, so ~80 MB per worker. Plan order keeps a row's images together, so a prompt
+# rarely returns later.
 CACHE_LIMIT = 256
 # The weight files transformers looks for in a text_encoder folder, in the order it prefers them.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -63,27 +64,39 @@ class TextEncoder:
         return TokenInfo(count, count > MAX_TOKENS)
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], device: torch.device) -> torch.Tensor:
-        """prompt_embeds of shape (len(prompts), 77, width), computed once per distinct recent prompt."""
+    def encode(self, prompts: list[str], device: torch.device, batched: bool = False) -> torch.Tensor:
+        """prompt_embeds of shape (len(prompts), 77, width), computed once per distinct recent prompt.
+
+        batched=False: one encoder call per uncached prompt, its embedding kept on the CPU, so that it cannot
+        depend on which prompts share a batch. batched=True (a GPU): every uncached prompt of the call in one
+        encoder call and the cache kept on `device`: no host-device round trip per prompt. Every sequence is
+        padded to 77 tokens, so the rows are the same computation either way, up to the rounding of batched
+        kernels (on the CPU they came out bit-identical for the tiny and the full-size text encoder).
+        """
         # Held locally too: a batch with more distinct prompts than the cache holds still gets all of them.
         embeds: dict[str, torch.Tensor] = {}
-        for prompt in dict.fromkeys(prompts):
-            with self._lock:
+        missing: list[str] = []
+        with self._lock:
+            for prompt in dict.fromkeys(prompts):
                 embed = self._cache.get(prompt)
                 if embed is not None:
                     self._cache.move_to_end(prompt)
+                    embeds[prompt] = embed
                 else:
-                    # One prompt per call: its embedding must not depend on which prompts share a batch.
-                    ids = self.tokenizer([prompt], padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                                         return_tensors="pt").input_ids
-            if embed is None:
-                embed = self.model(ids.to(self.model.device))[0][0].float().cpu()
-                with self._lock:
-                    self._cache[prompt] = embed
-                    while len(self._cache) > self.cache_limit:
-                        self._cache.popitem(last=False)
-            embeds[prompt] = embed
-        return torch.stack([embeds[p] for p in prompts]).to(device)
+                    missing.append(prompt)
+        for group in ([missing] if batched and missing else [[p] for p in missing]):
+            with self._lock:  # the tokenizer keeps padding state between calls
+                ids = self.tokenizer(group, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                                     return_tensors="pt").input_ids
+            out = self.model(ids.to(self.model.device))[0].float()
+            # a row of its own (clone): a cached view would keep its whole batch's tensor alive
+            rows = [row.clone() for row in out] if batched else [out[0].cpu()]
+            with self._lock:
+                for prompt, embed in zip(group, rows):
+                    self._cache[prompt] = embeds[prompt] = embed
+                while len(self._cache) > self.cache_limit:
+                    self._cache.popitem(last=False)
+        return torch.stack([embeds[p].to(device) for p in prompts])
 
     @property
     def fingerprint(self) -> str:

@@ -29,14 +29,9 @@ from cxrgen.files import STATE_DIR, TMP_MARK, resume_command, write_json
 from cxrgen.manifests.reader import Manifest
 from cxrgen.manifests.workitems import load_plan
 from cxrgen.model.bundle import BundleSource, load_bundle, read_spec, resolve_model
-from cxrgen.model.engine import (
-    Engine,
-    EngineOptions,
-    check_widths,
-    default_batch_size,
-    resolve_device,
-    resolve_dtype,
-)
+from cxrgen.model.devices import CPU_BATCH, MAX_AUTO_BATCH, resolve_device, use_device
+from cxrgen.model.engine import Engine, EngineOptions, check_widths
+from cxrgen.model.precision import run_dtypes
 from cxrgen.model.text_encoder import load_text_encoder
 from cxrgen.runs.journal import Journal, read_records
 from cxrgen.runs.lock import (
@@ -46,14 +41,16 @@ from cxrgen.runs.lock import (
     held_rank_locks,
     unlocked_warning,
 )
-from cxrgen.runs.loop import BatchLoop, SignalGuard, batches_of
+from cxrgen.runs.loop import BatchLoop, SignalGuard, batches_of, sized_batches
 from cxrgen.runs.state import done_items, finalize_once, read_run_json
 from cxrgen.runs.workers import (
+    CHUNK,
     Rank,
     WorkerResult,
     cpu_threads_per_worker,
     local_devices,
     next_batch,
+    rank_device,
     rank_share,
     run_local_workers,
 )
@@ -127,8 +124,11 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
     manifest, plan = load_plan(config)
     FolderLock(state, shared=rank is not None).check_free()  # refuse a second writer before loading
     devices = _devices(config, rank)
-    first_device = resolve_device(devices[0])
-    dtype = resolve_dtype(config.dtype, first_device, recorded=saved["settings"].get("dtype") if saved else None)
+    resolved = [resolve_device(d) for d in devices]
+    # the run's dtype (compared on resume) and the one this launch samples in: they differ only for a 16-bit
+    # GPU run resumed on the CPU (float32 there; precision.run_dtypes says why)
+    dtype, sample_dtype = run_dtypes(config.dtype, resolved, saved["settings"].get("dtype") if saved else None,
+                                     saved.get("resolved", {}).get("devices", ()) if saved else ())
     if saved is not None:
         _refuse_changed(out, saved, _pixel_settings(config, manifest, plan, dtype, saved["settings"]["checkpoint_md5"],
                                                     saved["settings"].get("text_encoder_fingerprint")))
@@ -142,6 +142,8 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
         bundle_root = resolve_model(config.model, config.cache_dir or str(Path.home() / ".cache" / "cxrgen"),
                                     bundle_source, offline=config.offline, progress=not config.quiet, log=log)
         sole = len(devices) == 1
+        if sole:
+            use_device(resolved[0])  # this process's GPU before anything lands on one (else GPU 0)
         bundle, text = load_models(config, bundle_root, devices[0] if sole else "cpu")
         settings = _pixel_settings(config, manifest, plan, dtype, bundle.md5, text.fingerprint)
         # 3. claim the folder (ranks share it); record the run, or compare with the recorded one again:
@@ -164,19 +166,26 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
         if (done or (saved is not None and rank is None)) and not config.quiet:
             log(f"{_prefix(rank)}resuming the run in {out}: {len(done)} of {len(mine)} image(s)"
                 f"{' of this share' if rank else ''} already done")
-        batches = list(batches_of(todo, config.batch_size or default_batch_size(first_device)))
+        # --batch-size 0 on a GPU is sized by the process that samples there, from its own free memory (which
+        # only a CUDA context on that GPU can read), then calibrated by its first batch
+        fixed = config.batch_size or (CPU_BATCH if all(d.type == "cpu" for d in resolved) else 0)
         # 4. sample: in this process, or in one worker process per device pulling batches from a queue
         progress = _Progress(len(plan) if rank is None else len(todo), len(plan) - len(todo) if rank is None else 0,
                              config.quiet, rank, log)
         if sole:
-            engine = make_engine(config, bundle, text, devices[0], dtype)
+            engine = make_engine(config, bundle, text, devices[0], sample_dtype)
+            batches = batches_of(todo, fixed) if fixed else sized_batches(todo, lambda: engine.batch_size)
             results = [_sample_here(engine, config, batches, _worker_name(rank, 0), engine_hook, progress)]
         else:
             del bundle, text  # each worker loads its own copy on its device
             threads = cpu_threads_per_worker(devices, torch.get_num_threads())
-            results = run_local_workers(worker_main, lambda i, d: (config, str(bundle_root), d, dtype, f"w{i}",
-                                                                   engine_hook, threads),
-                                        devices, batches, progress.update, out)
+            # without a fixed size, the queue holds chunks and each worker gathers its own batch, at most its
+            # share of the work so that a small run still spreads over every GPU
+            gather = 0 if fixed else -(-len(todo) // len(devices))
+            results = run_local_workers(worker_main, lambda i, d: (config, str(bundle_root), d, sample_dtype,
+                                                                   f"w{i}", engine_hook, threads, gather),
+                                        devices, list(batches_of(todo, fixed or CHUNK)), progress.update, out,
+                                        ahead=2 if fixed else 2 * MAX_AUTO_BATCH // CHUNK)
         progress.close()
         # 5. the metadata table, once every planned image exists (written by exactly one process); a rank
         # whose share is done waits for the others, so a launch ends together and its exit codes mean
@@ -248,13 +257,10 @@ def _devices(config: RunConfig, rank: Rank | None) -> list[str]:
             raise InputError(f"--workers {config.workers} cannot be combined with torchrun/Slurm ranks or array-job "
                              "shards: each is one process on one device; start more ranks instead (e.g. torchrun "
                              "--nproc-per-node, or srun inside the array task)")
-        if config.device == "auto" and torch.cuda.is_available():
-            return [f"cuda:{rank.local_rank % torch.cuda.device_count()}"]
-        # a list names the device of each local rank, in LOCAL_RANK order
-        choices = [d.strip() for d in config.device.split(",") if d.strip()]
-        device = choices[rank.local_rank % len(choices)]
+        # this node's GPU LOCAL_RANK for auto or a bare cuda; a list names the device of each local rank
+        device = rank_device(config.device, rank.local_rank, torch.cuda.device_count())
         resolve_device(device)
-        return [device if device != "auto" else "cpu"]
+        return [device]
     devices = local_devices(config.device, config.workers, torch.cuda.device_count())
     for device in set(devices):
         resolve_device(device)  # fail early on a bad or missing device
@@ -275,7 +281,8 @@ def make_engine(config: RunConfig, bundle, text, device: str, dtype: str) -> Eng
     """An Engine with the config's speed options on one device."""
     options = EngineOptions(device=resolve_device(device), dtype=dtype, scheduler=config.scheduler,
                             steps=config.steps, decode_batch_size=config.decode_batch_size,
-                            channels_last=config.channels_last, compile=config.compile)
+                            channels_last=config.channels_last, compile=config.compile,
+                            batch_size=config.batch_size)
     return Engine(bundle, text, options)
 
 
@@ -369,8 +376,12 @@ def sample_batches(engine: Engine, out: Path, batches, config: RunConfig, name: 
 
 
 def worker_main(config: RunConfig, bundle_root: str, device: str, dtype: str, name: str, engine_hook,
-                threads: int, tasks, events) -> None:
-    """Entry point of a local worker process: load models once, then take batches until the queue ends."""
+                threads: int, gather: int, tasks, events) -> None:
+    """Entry point of a local worker process: load models once, then take batches until the queue ends.
+
+    gather > 0: the queue holds chunks, and each batch gathers them up to this worker's own batch size
+    (at most `gather` images).
+    """
     parent, signals = os.getppid(), []
     # The parent stops workers with SIGTERM at any moment, also while this process loads models or exits.
     # Left at its default, the signal kills the process at once, possibly while its queue feeder thread
@@ -383,12 +394,13 @@ def worker_main(config: RunConfig, bundle_root: str, device: str, dtype: str, na
         from cxrgen.hub.download import quiet_library_logs
 
         quiet_library_logs(config.verbose)  # a spawned process starts with the libraries' own logging set-up
-        if device == "cpu":
-            torch.set_num_threads(threads)  # its share of the cores: workers must not fight over them
+        torch.set_num_threads(threads)  # its share of the cores: workers must not fight over them
+        use_device(resolve_device(device))  # before anything is loaded: this worker's GPU, not GPU 0
         bundle, text = load_models(config, bundle_root, device)
         engine = make_engine(config, bundle, text, device, dtype)
         engine = engine_hook(engine, name) if engine_hook else engine
-        result = sample_batches(engine, Path(config.out), next_batch(tasks, stopping), config, name,
+        size = (lambda: max(1, min(engine.batch_size, gather))) if gather else None
+        result = sample_batches(engine, Path(config.out), next_batch(tasks, stopping, size), config, name,
                                 on_done=lambda n: events.put(("done", name, n)), stop_check=stopping)
         events.put(("finished", name, result.images, result.seconds))
     except CxrgenError as exc:

@@ -42,7 +42,7 @@ def reproduce_image(out: str | Path, image_id: str, *, bundle_source: BundleSour
                     offline: bool = False) -> ReproduceResult:
     """Remake one image of the run in OUT alone (a batch of one) and measure how far it is from the stored file.
 
-    device None means the kind the image was made on (its device_type); dtype None means the run's.
+    device None means the kind the image was made on (its device_type); dtype None means the image's own.
     model / text_encoder replace the run's saved locations (e.g. on another machine); the weights must
     still be the run's (checkpoint md5s and the text encoder's fingerprint are checked).
     """
@@ -63,7 +63,8 @@ def reproduce_image(out: str | Path, image_id: str, *, bundle_source: BundleSour
     config = dataclasses.replace(config, compile=False, model=model or config.model,
                                  text_encoder=text_encoder or config.text_encoder, offline=offline)
     device = device or record.get("device_type") or "cpu"
-    dtype = dtype or saved["settings"]["dtype"]
+    # the image's own dtype: a 16-bit GPU run resumed on the CPU made those images in float32
+    dtype = dtype or record.get("dtype") or saved["settings"]["dtype"]
     cache_dir = config.cache_dir or str(Path.home() / ".cache" / "cxrgen")  # as the run resolved it
     bundle_root = resolve_model(config.model, cache_dir, bundle_source, offline=offline)
     bundle, text = load_models(config, bundle_root, device)

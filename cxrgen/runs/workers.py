@@ -15,6 +15,9 @@ from cxrgen.files import resume_command
 from cxrgen.manifests.workitems import WorkItem
 
 _POLL_S = 0.2
+# Images per queued chunk when each local GPU worker sizes its own batches (--batch-size 0): small enough
+# that a worker's batch is a whole number of chunks give or take one, big enough to keep the queue short.
+CHUNK = 8
 
 
 @dataclass(frozen=True)
@@ -150,13 +153,24 @@ def rank_share(todo: list[WorkItem], rank: Rank) -> list[WorkItem]:
 
 
 def local_devices(device: str, workers: int, cuda_count: int) -> list[str]:
-    """One device string per local worker: every visible GPU for auto, else the list or N CPU workers."""
-    if device == "auto" and cuda_count > 0:
+    """One device string per local worker: every visible GPU for auto or a bare cuda (round robin when
+    --workers asks for more), else the list, or N workers on the one device named."""
+    if device in ("auto", "cuda") and cuda_count > 0:
         return [f"cuda:{i}" for i in range(cuda_count)] if workers == 1 else \
             [f"cuda:{i % cuda_count}" for i in range(workers)]
     if "," in device:
         return [d.strip() for d in device.split(",") if d.strip()]
     return [("cpu" if device == "auto" else device)] * workers
+
+
+def rank_device(device: str, local_rank: int, cuda_count: int) -> str:
+    """The device of one torchrun/srun rank: auto or a bare cuda is this node's GPU LOCAL_RANK modulo the
+    visible GPUs (with one GPU made visible per task, GPU 0); a list names each local rank's entry."""
+    choices = [d.strip() for d in device.split(",") if d.strip()]
+    choice = choices[local_rank % len(choices)]
+    if choice in ("auto", "cuda") and cuda_count > 0:
+        return f"cuda:{local_rank % cuda_count}"
+    return "cpu" if choice == "auto" else choice
 
 
 @dataclass
@@ -169,23 +183,25 @@ class WorkerResult:
 
 
 def cpu_threads_per_worker(devices: list[str], cores: int) -> int:
-    """Intra-op threads for each CPU worker: its share of the cores (workers must not fight over them)."""
-    cpu_workers = sum(1 for d in devices if d == "cpu")
-    return max(1, cores // max(1, cpu_workers))
+    """Intra-op threads for each local worker: its share of the cores. A GPU worker needs few (its CPU work is
+    noise, JPEG encoding and file writes), and eight GPU workers keeping every core each would oversubscribe
+    the host."""
+    return max(1, cores // max(1, len(devices)))
 
 
 def run_local_workers(target: Callable, args_of: Callable[[int, str], tuple], devices: list[str],
-                      batches: list[list[WorkItem]], on_done: Callable[[int], None], out: Path) -> list[WorkerResult]:
+                      batches: list[list[WorkItem]], on_done: Callable[[int], None], out: Path,
+                      ahead: int = 2) -> list[WorkerResult]:
     """Start one process per device; each pulls the next batch from a shared queue until none remain.
 
     `target(*args_of(index, device), tasks, events)` runs in each child, takes batches with `next_batch`
     and reports through `events`: ("done", name, n), ("finished", name, images, seconds) or
-    ("error", name, message, exit_code).
+    ("error", name, message, exit_code). `ahead`: batches (or chunks) queued per worker.
     """
     ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
     # Fed lazily, a few batches ahead: with every batch queued up front, the parent's feeder thread blocks
     # on the full pipe once the workers stop early, and the interpreter waits for it at exit forever.
-    tasks, events = ctx.Queue(maxsize=2 * len(devices)), ctx.Queue()
+    tasks, events = ctx.Queue(maxsize=ahead * len(devices)), ctx.Queue()
     feed = _Feeder(tasks, batches, len(devices))
     procs = [ctx.Process(target=target, args=(*args_of(i, d), tasks, events)) for i, d in enumerate(devices)]
     for proc in procs:
@@ -202,17 +218,35 @@ def run_local_workers(target: Callable, args_of: Callable[[int, str], tuple], de
     return sorted(results.values(), key=lambda r: r.name)
 
 
-def next_batch(tasks, stop: Callable[[], bool]):
+def next_batch(tasks, stop: Callable[[], bool], size: Callable[[], int] | None = None):
     """Batches from the task queue until its end marker, or until stop() says so (asked before each batch
-    is taken, so a worker told to stop leaves the batch for the others, and every second while it waits)."""
+    is taken, so a worker told to stop leaves the batch for the others, and every second while it waits).
+
+    size None: each queued batch as it is. Else the queue holds small chunks and each batch gathers chunks
+    up to size() images (the worker's own batch size, known only on its device); at the end marker what is
+    held goes out without waiting for more.
+    """
+    held: list[WorkItem] = []
     while not stop():
+        want = size() if size is not None else 0
+        if want and len(held) >= want:
+            yield held[:want]
+            del held[:want]
+            continue
         try:
             batch = tasks.get(timeout=1.0)
         except queue.Empty:
             continue
         if batch is None:
+            while held and not stop():
+                want = max(1, size())
+                yield held[:want]
+                del held[:want]
             return
-        yield batch
+        if size is None:
+            yield batch
+        else:
+            held.extend(batch)
 
 
 class _Feeder:

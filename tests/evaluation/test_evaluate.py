@@ -583,3 +583,14 @@ def test_evaluation_benchmark_runs_and_ends_with_its_json_line(tmp_path):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["images"] == 4 and report["images_per_s"] > 0 and report["image_pass_images_per_s"] > 0
     assert time.monotonic() - started < 600
+
+
+def test_decoding_threads_fill_the_cores_only_when_a_gpu_runs_the_network():
+    from cxrgen.evaluation.evaluate import decode_threads
+
+    assert decode_threads(0, "cpu", 16) == 2  # the DenseNet needs the cores on the CPU
+    assert decode_threads(0, "cuda:0", 16) == 15  # two threads capped a GPU near 100 images/s
+    assert decode_threads(0, "cuda", 2) == 2
+    assert decode_threads(5, "cuda:0", 16) == 5  # asked for
+    with pytest.raises(InputError, match="--threads"):
+        EvalOptions(out="x", threads=-1)

@@ -116,13 +116,22 @@ def test_background_writing_matches_direct_encoding(tmp_path, bundle_dir, text_e
 # torch.compile on CPU works with this torch (inductor builds C++ with the machine's compiler). It is
 # the slowest test (1.5-4 minutes on 2 shared cores) but CI has the time, so it always runs.
 def test_compile_gives_the_same_images(bundle_dir, text, items, plain):
+    from torch._dynamo.utils import counters
+
     engine = make_engine(bundle_dir, text, compile=True)
     assert_within_one_gray_level(engine.run_batch(items), plain)
+    # the last, partial batch is padded to the compiled size: it runs the compiled graph, no new compilation
+    graphs = counters["stats"]["unique_graphs"]
+    assert_within_one_gray_level(engine.run_batch(items[:3]), plain[:3])
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 # ------------------------------------------------------------------------------------ CUDA only
 
-needs_cuda = pytest.mark.skipif(not CUDA, reason="16-bit autocast paths are checked on CUDA only (no GPU here)")
+def needs_cuda(test):
+    """CUDA-only: marked `cuda` (benchmarks/gpu_check.py runs `pytest -m cuda`), skipped without a GPU."""
+    return pytest.mark.cuda(pytest.mark.skipif(not CUDA, reason="16-bit autocast paths are checked on CUDA only "
+                                                                "(no GPU here)")(test))
 
 
 @pytest.fixture(scope="module")

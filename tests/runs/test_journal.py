@@ -280,3 +280,36 @@ def test_the_fast_journal_reader_agrees_with_the_line_reader_on_damaged_journals
     assert fast == slow
     assert fast["i1"]["file_bytes"] == 101 and fast["i2"]["file_bytes"] == 102 and "x9" not in fast
     assert fast["old"]["file_bytes"] is None
+
+
+def test_one_folder_fsync_per_batch_and_always_before_the_records(config, monkeypatch):
+    """Each image is fsynced and renamed into place; the folder fsync that makes the renames durable runs once
+    per folder per batch (not once per image on the loop's critical path), before the batch is recorded."""
+    import cxrgen.files
+    import cxrgen.runs.loop
+    from cxrgen.runs.journal import Journal
+
+    events = []
+    real_fsync_dir, real_append = cxrgen.files.fsync_dir, Journal.append
+
+    def fsync_dir(folder):
+        events.append(("folder", Path(folder), {p.name for p in Path(folder).iterdir() if ".tmp-" not in p.name}))
+        real_fsync_dir(folder)
+
+    def append(self, records):
+        events.append(("records", None, {Path(r["file_name"]).name for r in records}))
+        real_append(self, records)
+
+    monkeypatch.setattr(cxrgen.files, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(cxrgen.runs.loop, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(Journal, "append", append)
+    out = generate(config(batch_size=3)).out  # 6 images: 2 batches of 3, all in images/00000
+    images = out / "images" / "00000"
+    batches = [names for kind, _, names in events if kind == "records" and names]
+    assert [len(b) for b in batches] == [3, 3]
+    folder_syncs = [(i, names) for i, (kind, folder, names) in enumerate(events) if folder == images]
+    assert len(folder_syncs) == 2  # one per batch
+    for batch in batches:
+        recorded_at = next(i for i, e in enumerate(events) if e[0] == "records" and e[2] == batch)
+        # a folder fsync that saw every file of the batch in place came before its records
+        assert any(i < recorded_at and batch <= names for i, names in folder_syncs)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import functools
 import os
+import queue
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +13,23 @@ import numpy as np
 import pandas as pd
 import pytest
 import tiny
+import torch
 from PIL import Image
 
+import cxrgen.runs.generate
 from cxrgen.config import RunConfig
+from cxrgen.manifests.workitems import load_plan
 from cxrgen.runs.generate import generate, resume
-from cxrgen.runs.workers import Rank, local_devices, rank_from_env, rank_share
+from cxrgen.runs.workers import (
+    CHUNK,
+    Rank,
+    cpu_threads_per_worker,
+    local_devices,
+    next_batch,
+    rank_device,
+    rank_from_env,
+    rank_share,
+)
 
 PROMPTS = ["Pleural effusion", "Left pneumothorax", "No acute findings", "Cardiomegaly", "Lobar pneumonia"]
 VOLATILE = ["created_at", "worker"]
@@ -166,3 +180,145 @@ def test_local_devices():
     assert local_devices("cuda:0,cuda:2", 1, 4) == ["cuda:0", "cuda:2"]
     assert local_devices("auto", 3, 0) == ["cpu", "cpu", "cpu"]
     assert local_devices("cpu", 1, 2) == ["cpu"]
+
+
+# ------------------------------------------------------------------ issue 18: devices of ranks and workers
+
+def test_a_bare_cuda_means_every_visible_gpu_for_local_workers():
+    assert local_devices("cuda", 1, 4) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    assert local_devices("cuda", 3, 2) == ["cuda:0", "cuda:1", "cuda:0"]
+    assert local_devices("cuda", 1, 0) == ["cuda"]  # no GPU: resolve_device then refuses it in one line
+    assert local_devices("cuda:1", 2, 4) == ["cuda:1", "cuda:1"]
+
+
+@pytest.mark.parametrize("env, gpus, device, expected", [
+    # torchrun on an 8-GPU node: LOCAL_RANK picks the GPU (the README's example passes --device cuda)
+    ({"RANK": "13", "WORLD_SIZE": "16", "LOCAL_RANK": "5"}, 8, "cuda", "cuda:5"),
+    ({"RANK": "13", "WORLD_SIZE": "16", "LOCAL_RANK": "5"}, 8, "auto", "cuda:5"),
+    # an srun step with 4 tasks per node seeing every GPU of the node
+    ({"SLURM_PROCID": "6", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "2", "SLURM_STEP_ID": "0"}, 4, "cuda",
+     "cuda:2"),
+    # srun --gpus-per-task=1: each task sees one GPU, its own, as GPU 0
+    ({"SLURM_PROCID": "6", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "2", "SLURM_STEP_ID": "0"}, 1, "cuda",
+     "cuda:0"),
+    # more local ranks than GPUs: round robin
+    ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3"}, 2, "cuda", "cuda:1"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, 4, "cuda:0,cuda:3", "cuda:3"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, 0, "auto", "cpu"),
+])
+def test_each_rank_gets_its_own_gpu(env, gpus, device, expected, monkeypatch):
+    rank = rank_from_env(env)
+    assert rank_device(device, rank.local_rank, gpus) == expected
+    # and through generate's device choice, with that many (fake) GPUs visible
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    config = RunConfig(manifest="m.csv", out="out", device=device)
+    assert cxrgen.runs.generate._devices(config, rank) == [expected]
+
+
+def test_gpu_workers_share_the_cpu_cores_too():
+    assert cpu_threads_per_worker(["cuda:0"] * 8, 16) == 2  # 8 GPU workers must not each keep 16 threads
+    assert cpu_threads_per_worker(["cpu", "cpu"], 16) == 8
+    assert cpu_threads_per_worker(["cuda:0", "cuda:1"], 1) == 1
+
+
+@pytest.fixture()
+def keep_signal_handlers():
+    """worker_main installs its own SIGINT/SIGTERM handlers; a test that calls it in-process restores them."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+def test_a_worker_makes_its_gpu_current_before_loading_anything(manifest, bundle_dir, text_encoder_dir, tmp_path,
+                                                                 monkeypatch, keep_signal_handlers):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", str(device))))
+
+    def load_models(config, bundle_root, device):
+        calls.append(("load_models", device))
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(cxrgen.runs.generate, "load_models", load_models)
+    events = queue.Queue()
+    with pytest.raises(RuntimeError, match="stop here"):
+        cxrgen.runs.generate.worker_main(config(manifest, tmp_path / "out", bundle_dir, text_encoder_dir), "root",
+                                         "cuda:1", "bfloat16", "w1", None, torch.get_num_threads(), 0,
+                                         queue.Queue(), events)
+    assert calls == [("set_device", "cuda:1"), ("load_models", "cuda:1")]
+    assert events.get_nowait()[0] == "error"
+
+
+def test_next_batch_gathers_chunks_up_to_the_workers_size():
+    tasks = queue.Queue()
+    for start in range(0, 10, 2):
+        tasks.put(list(range(start, start + 2)))  # chunks of 2
+    tasks.put(None)
+    size = [3]
+    batches = []
+    for batch in next_batch(tasks, lambda: False, lambda: size[0]):
+        batches.append(batch)
+        size[0] = 4 if len(batches) == 2 else size[0]  # a worker may change its size (calibration)
+    assert batches == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    # without a size, each queued batch as it is (fixed --batch-size)
+    tasks.put([1, 2, 3])
+    tasks.put(None)
+    assert list(next_batch(tasks, lambda: False)) == [[1, 2, 3]]
+
+
+def test_the_parent_of_gpu_workers_never_reads_gpu_memory(manifest, bundle_dir, text_encoder_dir, tmp_path,
+                                                          monkeypatch):
+    """--batch-size 0 with two GPU workers: the parent queues chunks and leaves sizing to each worker (reading
+    free memory would open a CUDA context on the GPU, held for the whole run)."""
+    def no_context(*args, **kwargs):
+        raise AssertionError("the parent process touched GPU memory")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    for name in ("mem_get_info", "memory_allocated", "set_device", "empty_cache", "synchronize"):
+        monkeypatch.setattr(torch.cuda, name, no_context)
+    seen = {}
+
+    def run_local_workers(target, args_of, devices, batches, on_done, out, ahead=2):
+        seen.update(devices=devices, batches=batches, args=args_of(0, devices[0]), ahead=ahead)
+        return []
+    monkeypatch.setattr(cxrgen.runs.generate, "run_local_workers", run_local_workers)
+    generate(config(manifest, tmp_path / "out", bundle_dir, text_encoder_dir, device="cuda", batch_size=0))
+    assert seen["devices"] == ["cuda:0", "cuda:1"]
+    assert [len(b) for b in seen["batches"]] == [CHUNK, 10 - CHUNK]  # chunks, not batches
+    *_, dtype, name, hook, threads, gather = seen["args"]
+    assert dtype == "bfloat16" and gather == 5  # each worker gathers at most its share of the 10 images
+    assert seen["ahead"] * len(seen["devices"]) * CHUNK >= 2 * 128  # enough queued for the largest batches
+
+
+def test_a_worker_gathers_its_own_batches_and_makes_the_same_images(manifest, single, bundle_dir, text_encoder_dir,
+                                                                    tmp_path, keep_signal_handlers):
+    cfg = config(manifest, tmp_path / "out", bundle_dir, text_encoder_dir, batch_size=0)
+    plan = load_plan(cfg)[1]
+    tasks, events = queue.Queue(), queue.Queue()
+    for start in range(0, len(plan), 2):
+        tasks.put(plan[start:start + 2])
+    tasks.put(None)
+    sizes = []
+
+    def sized_like_a_gpu(engine, name):
+        engine.batch_size = 3  # what its free memory allowed, on its own device
+        original = engine.run_batch
+
+        def run_batch(items, on_step=None):
+            sizes.append(len(items))
+            return original(items, on_step)
+        engine.run_batch = run_batch
+        return engine
+
+    cxrgen.runs.generate.worker_main(cfg, str(bundle_dir), "cpu", "float32", "w0", sized_like_a_gpu,
+                                     torch.get_num_threads(), len(plan), tasks, events)
+    assert sizes == [3, 3, 3, 1]
+    finished = [e for e in list(events.queue) if e[0] == "finished"]
+    assert finished == [("finished", "w0", 10, finished[0][3])]
+    for item in plan:
+        with Image.open(single / item.file_name) as a, Image.open(tmp_path / "out" / item.file_name) as b:
+            assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
