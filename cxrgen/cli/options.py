@@ -95,8 +95,12 @@ def exit_for(result, share) -> None:
         raise typer.Exit(INCOMPLETE_EXIT_CODE)
 
 
-def this_share(shard: Optional[str], shards: Optional[int]):
-    """This process's part of the plan from --shard, an array job's variables and launcher ranks."""
-    from cxrgen.runs.workers import parse_shard, shard_from_env, share_of
+def this_share(shard: Optional[str], shards: Optional[int], out: Path):
+    """This process's part of the plan from --shard, an array job's variables, the split recorded in OUT and
+    launcher ranks."""
+    from cxrgen.runs.state import recorded_split
+    from cxrgen.runs.workers import parse_shard, resolve_shard, shard_from_env, share_of
 
-    return share_of(parse_shard(shard) if shard else shard_from_env(os.environ, shards), rank_from_env(os.environ))
+    request = parse_shard(shard) if shard else shard_from_env(os.environ, shards)
+    chosen, split = resolve_shard(request, recorded_split(out) if request is not None else None)
+    return share_of(chosen, rank_from_env(os.environ), split)

@@ -94,7 +94,7 @@ def generate(
             offline=stay_offline(offline, verbose),
             **({} if rank_wait is None else {"rank_wait": rank_wait}),
         )
-        share = this_share(shard, shards)
+        share = this_share(shard, shards, Path(config.out))
         result = run_generate(config, rank=share)
     except CxrgenError as exc:
         fail(exc)
@@ -133,7 +133,7 @@ def resume(
     try:
         from cxrgen.runs.generate import resume as run_resume
 
-        share = this_share(shard, shards)
+        share = this_share(shard, shards, out)
         result = run_resume(out, rank=share, batch_size=batch_size,
                             decode_batch_size=decode_batch_size, device=device, workers=workers,
                             cache_dir=str(cache_dir.resolve()) if cache_dir else None, rank_wait=rank_wait,
@@ -177,7 +177,7 @@ def status(
     typer.echo(f"planned:   {report.planned}")
     typer.echo(f"done:      {report.done}")
     typer.echo(f"remaining: {report.remaining}")
-    typer.echo(f"metadata:  {'complete' if report.finalized else 'not written yet'}")
+    typer.echo(f"metadata:  {_metadata_state(report)}")
     for label, names in (("recorded but missing or unreadable", report.missing_files),
                          ("files with no record", report.orphaned_files), ("temporary files", report.temp_files)):
         if names:
@@ -185,6 +185,16 @@ def status(
     if not report.complete:
         typer.echo(f"resume with: {resume_command(report.out)}")
         raise typer.Exit(1)
+
+
+def _metadata_state(report) -> str:
+    if report.finalized:
+        return "complete"
+    if report.metadata_rows == report.planned and report.remaining:
+        return f"written, but {report.remaining} image(s) are missing or damaged (resume remakes them and merges again)"
+    if report.metadata_rows == report.planned:
+        return "written, but the dataset card README.md is missing (resume writes it)"
+    return "not written yet"
 
 
 def plan(
