@@ -1,4 +1,5 @@
-"""Crash-safe local files: atomic writes (temp file, fsync, rename), digests, and the inside-OUT path check.
+"""Crash-safe local files: atomic writes (temp file, fsync, rename), digests, the inside-OUT path check, and the
+refusal of paths given as URLs (every path cxrgen takes is a local one).
 
 Also the two layout names every writer needs (the state folder and the temp-file mark), so that a write
 error can point at the run folder it happened in.
@@ -9,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shlex
 import socket
@@ -20,6 +22,29 @@ from cxrgen.errors import InputError, RunError
 STATE_DIR = ".cxrgen"  # journal, lock and claims live here, beside images/
 TMP_MARK = ".tmp-"
 _HOST = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())[:32] or "host"
+
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def refuse_url(value, what: str) -> None:
+    """Refuse a path given as a URL (s3://, gs://, az://, hf://, https://, file://, ...), naming `what` (the option).
+
+    pathlib folds `s3://bucket/run` into `s3:/bucket/run`, a local folder: a run or an export would land on the
+    local disk while the user believes it is in the bucket. Every input and output path goes through here, so
+    this is the one function an object-store backend replaces.
+    """
+    match = _URL.match(str(value)) if value is not None else None
+    if match:
+        raise InputError(f"{what} {value}: {match.group(1)}:// paths are not supported (cxrgen reads and writes "
+                         "local files only); give a local path, e.g. a bucket mounted with s3fs, gcsfuse or rclone "
+                         "mount, or copy the files there first")
+
+
+def local_path(value, what: str) -> Path:
+    """`value` as a local Path (~ expanded), after `refuse_url`."""
+    refuse_url(value, what)
+    return Path(value).expanduser()
 
 
 def file_digest(path: Path, algorithm: str) -> str:

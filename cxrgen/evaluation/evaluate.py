@@ -38,7 +38,7 @@ from cxrgen.evaluation.classifier import (
     resolve_weights,
 )
 from cxrgen.extras import require_extra
-from cxrgen.files import atomic_write, resume_command
+from cxrgen.files import atomic_write, inside, refuse_url, resume_command
 from cxrgen.hub.sources import Source
 from cxrgen.runs.journal import EVAL_DIR, METADATA_SCHEMA
 from cxrgen.runs.state import read_run_json
@@ -68,6 +68,9 @@ class EvalOptions:
     offline: bool = False  # never download the weights: they must be staged (`cxrgen download --evaluator`)
 
     def __post_init__(self) -> None:
+        for flag, value in (("OUT", self.out), ("--real", self.real), ("--label-map", self.label_map),
+                            ("--evaluator-weights", self.evaluator_weights), ("--cache-dir", self.cache_dir)):
+            refuse_url(value, flag)
         if not (0.0 <= self.min_score <= 1.0):
             raise InputError(f"--min-score {self.min_score}: use a calibrated score from 0 to 1 (0.5 is the "
                              "classifier's operating point)")
@@ -138,6 +141,8 @@ def evaluate_run(options: EvalOptions, *, weights_source: Source | None = None) 
     require_extra()
     out = Path(options.out).expanduser().resolve()
     table, planned = _finished_run(out)
+    # a metadata.parquet may come from anywhere: never read a file outside OUT (export and preview refuse too)
+    files = [inside(out, name) for name in table.column("file_name").to_pylist()]
     info = release_info()
     pathologies = [name for name in info["labels"] if name]
     user_map = em.read_label_map(options.label_map, pathologies)
@@ -153,7 +158,6 @@ def evaluate_run(options: EvalOptions, *, weights_source: Source | None = None) 
     timings = {"load_s": time.monotonic() - started}  # extras imported, inputs checked, network loaded
 
     # 2. one pass over the synthetic images; MS-SSIM pairs are chosen first so only their crops are kept
-    files = [out / name for name in table.column("file_name").to_pylist()]
     within, across = _run_pairs(table.column("prompt").to_pylist(), options.max_pairs)
     real_cache = _cache_path(options, evaluator, real_files, options.real) if real_files else None
     cached = _read_cache(real_cache) if real_cache else None

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from cxrgen.errors import InputError
 from cxrgen.extras import require_extra
+from cxrgen.files import refuse_url
 from cxrgen.hub.download import (
     Component,
     FileState,
@@ -97,6 +98,7 @@ def download(cache_dir: str | Path, model: str = DEFAULT_MODEL, text_encoder: st
              evaluator: bool = False, *, source: Source | None = None, offline: bool = False, progress: bool = True,
              log=None) -> CacheReport:
     """Stage what a run needs (and the evaluator's weights if asked), then report the cache; offline: report only."""
+    _refuse_urls(cache_dir, model, text_encoder)
     if evaluator:
         require_extra()  # says which install command adds torchxrayvision
     if not offline:
@@ -109,6 +111,7 @@ def download(cache_dir: str | Path, model: str = DEFAULT_MODEL, text_encoder: st
 def cache_report(cache_dir: str | Path, model: str = DEFAULT_MODEL, text_encoder: str = DEFAULT_TEXT_ENCODER,
                  evaluator: bool = False) -> CacheReport:
     """Check the cache for the bundle and text encoder a run with these options needs (and the evaluator's weights)."""
+    _refuse_urls(cache_dir, model, text_encoder)
     cache_dir = Path(cache_dir).expanduser().resolve()
     components, notes = [], []
     for option, value, make in (("--model", model, bundle_component), ("--text-encoder", text_encoder,
@@ -128,6 +131,11 @@ def cache_report(cache_dir: str | Path, model: str = DEFAULT_MODEL, text_encoder
     required = [r for r in reports if evaluator or r.component.kind != "evaluator weights"]
     optional = [r for r in reports if r not in required]
     return CacheReport(cache_dir, required, optional, notes, _others(cache_dir, components))
+
+
+def _refuse_urls(cache_dir, model: str, text_encoder: str) -> None:
+    for what, value in (("--cache-dir", cache_dir), ("--model", model), ("--text-encoder", text_encoder)):
+        refuse_url(value, what)
 
 
 def _others(cache_dir: Path, components: list[Component]) -> list[str]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxrgen.errors import InputError
+from cxrgen.files import local_path, refuse_url
 from cxrgen.manifests.labels import (
     FindingCounts,
     Goal,
@@ -79,7 +80,9 @@ def build_from_labels(labels_path: str | Path, out: str | Path, *, findings: lis
                       templates: str | Path | None = None, tokenizer: str | None = None,
                       seed: int = 0) -> FromLabelsResult:
     """Read a label table (or a table of counts), balance it, and write the manifest to `out`."""
-    labels_path, out = Path(labels_path), Path(out)
+    refuse_url(templates, "--templates")
+    refuse_url(tokenizer, "--tokenizer")
+    labels_path, out = local_path(labels_path, "LABELS"), local_path(out, "--out")
     check_output(out, labels_path)
     if not 1 <= max_findings <= 3:
         raise InputError(f"--max-findings {max_findings}: use 1, 2 or 3 findings per prompt")

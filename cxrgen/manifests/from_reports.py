@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from cxrgen.errors import InputError
+from cxrgen.files import local_path, refuse_url
 from cxrgen.manifests.reader import OVERRIDE_COLUMNS, _typed_labels
 from cxrgen.manifests.tables import (
     check_output,
@@ -117,7 +118,8 @@ def build_from_reports(reports_path: str | Path, out: str | Path, *, text_column
                        max_sentences: int = 5, per_report: int = 1, num_images: int = 1, seed: int = 0,
                        tokenizer: str | None = None) -> FromReportsResult:
     """Write a manifest with up to `per_report` prompts per report; the table's other columns ride along."""
-    reports_path, out = Path(reports_path), Path(out)
+    refuse_url(tokenizer, "--tokenizer")
+    reports_path, out = local_path(reports_path, "REPORTS"), local_path(out, "--out")
     check_output(out, reports_path)
     for flag, value, low in (("--max-sentences", max_sentences, 1), ("--per-report", per_report, 1),
                              ("--num-images", num_images, 1), ("--seed", seed, 0)):

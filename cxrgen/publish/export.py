@@ -28,6 +28,7 @@ from cxrgen.files import (
     fsync_dir,
     inside,
     io_error,
+    refuse_url,
     resume_command,
 )
 from cxrgen.runs.card import write_card
@@ -54,6 +55,10 @@ class ExportOptions:
     format: str = "webdataset"  # "webdataset" or "imagefolder"
     shard_size: int = DEFAULT_SHARD_SIZE  # webdataset: bytes per shard at most (a bigger single sample gets its own)
     accepted_only: bool = False  # only images `cxrgen evaluate` accepted
+
+    def __post_init__(self) -> None:
+        refuse_url(self.out, "OUT")
+        refuse_url(self.to, "--to")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from cxrgen.config import (
     with_absolute_paths,
 )
 from cxrgen.errors import CxrgenError, InputError
-from cxrgen.files import STATE_DIR, TMP_MARK, resume_command, write_json
+from cxrgen.files import STATE_DIR, TMP_MARK, local_path, resume_command, write_json
 from cxrgen.manifests.reader import Manifest
 from cxrgen.manifests.workitems import load_plan
 from cxrgen.model.bundle import BundleSource, load_bundle, read_spec, resolve_model
@@ -452,7 +452,7 @@ def _versions() -> dict:
 def resume(out: str | Path, *, bundle_source: BundleSource | None = None, log: Log = _stderr,
            rank: Rank | None = None, engine_hook: Callable | None = None, **overrides) -> RunResult:
     """Finish the run saved in OUT; overrides may change only settings that do not change pixels."""
-    out = Path(out)
+    out = local_path(out, "OUT")
     saved = read_run_json(out)
     if saved is None:
         raise InputError(f"{out} holds no cxrgen run (no run.json); check the folder, or if a `cxrgen generate` "
@@ -467,7 +467,7 @@ def resume(out: str | Path, *, bundle_source: BundleSource | None = None, log: L
 
 def finalize_run(out: str | Path) -> Path | None:
     """Merge the records of a run whose images are all done (e.g. after a rank died before merging)."""
-    out = Path(out)
+    out = local_path(out, "OUT")
     saved = read_run_json(out)
     if saved is None:
         raise InputError(f"{out} is not a cxrgen run (no run.json)")

@@ -14,7 +14,7 @@ import pyarrow as pa
 from PIL import Image
 
 from cxrgen.errors import InputError
-from cxrgen.files import STATE_DIR, TMP_MARK
+from cxrgen.files import STATE_DIR, TMP_MARK, local_path
 from cxrgen.manifests.reader import Manifest
 from cxrgen.manifests.workitems import WorkItem
 from cxrgen.runs.card import CARD, write_card, write_run_card
@@ -196,7 +196,7 @@ def inspect_run(out: str | Path, verify: bool = False) -> RunStatus:
 
     verify: re-read, checksum and decode every recorded file instead of one stat each.
     """
-    out = Path(out)
+    out = local_path(out, "OUT")
     saved = read_run_json(out)
     if saved is None:
         raise InputError(f"{out} is not a cxrgen run (no run.json)")
