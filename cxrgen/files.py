@@ -6,6 +6,7 @@ error can point at the run folder it happened in.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -13,6 +14,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import socket
 import zlib
 from pathlib import Path, PurePosixPath
@@ -76,6 +78,37 @@ def atomic_write(path: Path, data: bytes) -> None:
     except OSError as exc:
         _unlink_quietly(tmp)
         raise io_error(path, exc) from None
+
+
+@contextlib.contextmanager
+def built_aside(folder: Path):
+    """Yield a hidden sibling folder to build `folder` in; when the block succeeds it takes `folder`'s place.
+
+    Readers then find the old folder, or the new one complete, never a mix of both (at most, for the instant
+    between the two renames, none). A failure removes the new folder and leaves the old one as it was.
+    """
+    token = f"{TMP_MARK}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+    staging, old = folder.with_name(f".{folder.name}{token}"), folder.with_name(f".{folder.name}.old{token}")
+    try:
+        staging.mkdir(parents=True)
+    except OSError as exc:
+        raise io_error(folder, exc) from None
+    try:
+        yield staging
+        fsync_dir(staging)
+        if folder.exists():
+            os.rename(folder, old)
+        os.rename(staging, folder)
+        fsync_dir(folder.parent)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if old.exists() and not folder.exists():
+            os.rename(old, folder)  # put the old one back
+        raise io_error(folder, exc) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def io_error(path: Path, exc: OSError) -> RunError:

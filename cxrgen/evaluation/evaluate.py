@@ -38,7 +38,7 @@ from cxrgen.evaluation.classifier import (
     resolve_weights,
 )
 from cxrgen.extras import require_extra
-from cxrgen.files import atomic_write, inside, refuse_url, resume_command
+from cxrgen.files import atomic_write, built_aside, inside, refuse_url, resume_command
 from cxrgen.hub.sources import Source
 from cxrgen.runs.journal import EVAL_DIR, METADATA_SCHEMA
 from cxrgen.runs.state import read_run_json
@@ -226,15 +226,19 @@ def evaluate_run(options: EvalOptions, *, weights_source: Source | None = None) 
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
 
-    # 5. outputs, each written atomically; metadata.parquet and the images are never touched
+    # 5. OUT/quality/ built aside and swapped in whole: a failure (a full disk, a plot that cannot be drawn)
+    # leaves the previous evaluation as it was; metadata.parquet and the images are never touched
     from cxrgen.evaluation.report import write_report
 
     folder = out / EVAL_DIR
-    scores_path = folder / "scores.parquet"
-    _safe_write(scores_path, _scores_table(table, evaluator.pathologies, synthetic.scores, flags))
-    report_path = write_report(folder, summary, synthetic.scores, states, columns, ms_ssim, _safe_write)
-    summary_path = folder / "summary.json"
-    _safe_write(summary_path, (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+    try:
+        with built_aside(folder) as staging:
+            _safe_write(staging / "scores.parquet", _scores_table(table, evaluator.pathologies, synthetic.scores, flags))
+            report_name = write_report(staging, summary, synthetic.scores, states, columns, ms_ssim, _safe_write).name
+            _safe_write(staging / "summary.json", (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+    except RunError as exc:
+        raise RunError(f"{str(exc).split(';')[0]}; fix the problem, then run cxrgen evaluate again") from None
+    scores_path, summary_path, report_path = folder / "scores.parquet", folder / "summary.json", folder / report_name
     return EvalResult(out=out, summary=summary, scores_path=scores_path, summary_path=summary_path,
                       report_path=report_path, synthetic_features=synthetic.features[readable],
                       real_features=None if real is None else real["features"],

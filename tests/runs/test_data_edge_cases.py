@@ -413,3 +413,25 @@ def test_a_failure_while_the_card_is_written_leaves_a_run_that_is_not_complete(t
     (out / "README.md").unlink()
     assert _status(out).exit_code == 1
     assert generate(config, log=lambda message: None).complete and (out / "README.md").is_file()
+
+
+# ------------------------------------------------------------------ issue 19, item 8: the card escapes manifest text
+
+def test_the_card_shows_hostile_labels_and_column_names_as_text(tmp_path, bundle_dir, text_encoder_dir,
+                                                                one_torch_thread):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text('prompt,<img src=x onerror=alert(1)>,note,negative_prompt\n'
+                        '"Small effusion",1,"line\n## injected","a | b <b>bold</b>"\n', encoding="utf-8")
+    out = tmp_path / "out"
+    assert generate(RunConfig(manifest=str(manifest), out=str(out), model=str(bundle_dir),
+                              text_encoder=str(text_encoder_dir), cache_dir=str(tmp_path / "cache"), steps=1,
+                              image_format="png", quiet=True), log=lambda message: None).complete
+    from markdown_it import MarkdownIt
+
+    card = (out / "README.md").read_text(encoding="utf-8")
+    html = MarkdownIt("commonmark").render(card)  # as a viewer renders it, raw HTML allowed
+    assert "<img" not in html and "<b>" not in html and "injected</h2>" not in html
+    assert "line ## injected: 1" in html  # the value, on its label line, as text
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    settings = [line for line in card.splitlines() if line.startswith("| negative prompt")]
+    assert settings == ["| negative prompt (default) | (empty) |"]  # the row's own negative prompt is per image
