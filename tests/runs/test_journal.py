@@ -410,3 +410,22 @@ def test_resolve_shard_maps_task_numbers_through_the_recorded_split():
                           (ShardRequest(1, 4, "--shard"), "--shard 1/8")):
         with pytest.raises(InputError, match=says.replace("/", "/")):
             resolve_shard(request, recorded)
+
+
+def test_shards_out_of_order_and_rerun_merge_exactly_once(manifest, bundle_dir, text_encoder_dir, single, tmp_path):
+    """Merging is decided by what is done, never by which shard runs last: shards in the order 2, 0, 3, 1, then
+    two finished shards again."""
+    out = tmp_path / "out"
+    args = lambda i: _cli_args(manifest, out, bundle_dir, text_encoder_dir, "--shard", f"{i}/4")  # noqa: E731
+    merges = out / ".cxrgen" / "merges.log"
+    for position, i in enumerate((2, 0, 3, 1)):
+        result = runner.invoke(app, args(i))
+        assert result.exit_code == 0, result.output
+        assert (out / "metadata.parquet").exists() == (position == 3), (position, i)
+    same_dataset(single, out)
+    assert len(merges.read_text().splitlines()) == 1
+    stamp = (out / "metadata.parquet").stat().st_mtime_ns
+    for i in (3, 0):  # a rerun of a finished task (a scheduler retry) makes nothing and merges nothing
+        result = runner.invoke(app, args(i))
+        assert result.exit_code == 0, result.output
+    assert len(merges.read_text().splitlines()) == 1 and (out / "metadata.parquet").stat().st_mtime_ns == stamp
