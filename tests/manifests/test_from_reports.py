@@ -215,7 +215,7 @@ def test_a_sentence_starting_in_lower_case_is_a_sentence_of_its_own(tmp_path):
 
 
 def _words(n: int) -> str:
-    return " ".join(["left"] * n) + "."  # "left" and "." are one token each: n + 3 tokens with start and end
+    return " ".join(["Left"] + ["left"] * (n - 1)) + "."  # one token each (CLIP lower-cases): n + 3 with start, end
 
 
 def test_windows_take_sentences_up_to_exactly_77_tokens():
