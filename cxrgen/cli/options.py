@@ -55,10 +55,12 @@ Shard = Annotated[Optional[str], typer.Option(
 Shards = Annotated[Optional[int], typer.Option(
     "--shards", help="Number of shards N of a Kubernetes Indexed Job (JOB_COMPLETION_INDEX gives I); "
     "default $CXRGEN_SHARDS.")]
-CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", parser=local("--cache-dir"), help="Bundle download cache "
+CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", parser=local("--cache-dir"),
+                                                  help="Bundle download cache "
                                                   "(default: $CXRGEN_HOME or ~/.cache/cxrgen).")]
 # What generate and plan (its dry run) spell the same way: the manifest and the per-row defaults.
-ManifestArg = Annotated[Path, typer.Argument(metavar="MANIFEST", parser=local("MANIFEST"), help="CSV, TSV or Parquet file with a prompt "
+ManifestArg = Annotated[Path, typer.Argument(metavar="MANIFEST", parser=local("MANIFEST"),
+                                             help="CSV, TSV or Parquet file with a prompt "
                                              "column.")]
 ManifestFormat = Annotated[str, typer.Option(help="auto, csv, tsv or parquet.")]
 PromptColumn = Annotated[str, typer.Option(help="Column holding the report sentence.")]
@@ -68,7 +70,8 @@ NumImages = Annotated[int, typer.Option(help="Images per row (column num_images 
 GuidanceScale = Annotated[float, typer.Option(help="Classifier-free guidance (column overrides).")]
 NegativePrompt = Annotated[str, typer.Option(help="Unconditional prompt (column overrides).")]
 Seed = Annotated[int, typer.Option(help="Base seed of the run (column seed overrides).")]
-FinishedOut = Annotated[Path, typer.Argument(metavar="OUT", parser=local("OUT"), help="Output folder of a finished run (holds "
+FinishedOut = Annotated[Path, typer.Argument(metavar="OUT", parser=local("OUT"),
+                                             help="Output folder of a finished run (holds "
                                              "metadata.parquet).")]
 Offline = Annotated[bool, typer.Option("--offline", help="Never touch the network (also HF_HUB_OFFLINE=1): models "
                                        "must be staged with `cxrgen download` or given as folders.")]

@@ -44,7 +44,8 @@ _IGNORED = "Accepted so that a generate command line works unchanged; plan ignor
 
 def generate(
     manifest: ManifestArg,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", parser=local("--out"), help="Output folder (default: beside the "
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", parser=local("--out"),
+                                                help="Output folder (default: beside the "
                                                 "manifest, named after it).")] = None,
     manifest_format: ManifestFormat = "auto",
     prompt_column: PromptColumn = "prompt",
@@ -105,7 +106,8 @@ def generate(
 
 
 def resume(
-    out: Annotated[Path, typer.Argument(metavar="OUT", parser=local("OUT"), help="Output folder of an earlier run (holds run.json).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", parser=local("OUT"),
+                                        help="Output folder of an earlier run (holds run.json).")],
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per UNet call; 0 picks one "
                                                       "for the device. [default: the saved value]")] = None,
     decode_batch_size: Annotated[Optional[int], typer.Option("--decode-batch-size", help="Latents per decoder "
@@ -115,7 +117,8 @@ def resume(
                                                   "cuda:0,cuda:2. [default: the saved value]")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Worker processes on this machine. "
                                                    "[default: the saved value]")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", parser=local("--cache-dir"), help="Bundle download cache. [default: the "
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", parser=local("--cache-dir"),
+                                                      help="Bundle download cache. [default: the "
                                                       "saved value]")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="Re-read, checksum and decode every recorded image "
                                          "first and remake damaged ones (slow on big runs; by default one "
@@ -200,7 +203,8 @@ def _metadata_state(report) -> str:
 
 def plan(
     manifest: ManifestArg,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", parser=local("--out"), help="Output folder generate would use (default: "
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", parser=local("--out"),
+                                                help="Output folder generate would use (default: "
                                                 "beside the manifest, named after it).")] = None,
     manifest_format: ManifestFormat = "auto",
     prompt_column: PromptColumn = "prompt",
@@ -223,7 +227,8 @@ def plan(
     decode_batch_size: Annotated[int, typer.Option("--decode-batch-size", hidden=True, help=_IGNORED)] = 0,
     channels_last: Annotated[bool, typer.Option("--channels-last", hidden=True, help=_IGNORED)] = False,
     compile: Annotated[bool, typer.Option("--compile", hidden=True, help=_IGNORED)] = False,
-    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", hidden=True, parser=local("--cache-dir"), help=_IGNORED)] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", hidden=True, parser=local("--cache-dir"),
+                                                      help=_IGNORED)] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", hidden=True, help=_IGNORED)] = None,
     shards: Annotated[Optional[int], typer.Option("--shards", hidden=True, help=_IGNORED)] = None,
     rank_wait: Annotated[Optional[float], typer.Option("--rank-wait", hidden=True, help=_IGNORED)] = None,

@@ -233,7 +233,8 @@ def evaluate_run(options: EvalOptions, *, weights_source: Source | None = None) 
     folder = out / EVAL_DIR
     try:
         with built_aside(folder) as staging:
-            _safe_write(staging / "scores.parquet", _scores_table(table, evaluator.pathologies, synthetic.scores, flags))
+            scores_table = _scores_table(table, evaluator.pathologies, synthetic.scores, flags)
+            _safe_write(staging / "scores.parquet", scores_table)
             report_name = write_report(staging, summary, synthetic.scores, states, columns, ms_ssim, _safe_write).name
             _safe_write(staging / "summary.json", (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
     except RunError as exc:

@@ -117,7 +117,8 @@ def _parse_column(table: Table, column: str) -> np.ndarray:
     return np.array([codes[v] for v in cells], dtype=np.int8)
 
 
-def read_counts(table: Table, known: list[str], chosen: list[str] | None = None, uncertain: str = "ignore") -> LabelTable:
+def read_counts(table: Table, known: list[str], chosen: list[str] | None = None,
+                uncertain: str = "ignore") -> LabelTable:
     """A table of counts: one row per finding, columns finding and positive (negative, uncertain, blank optional)."""
     if uncertain not in UNCERTAIN_POLICIES:
         raise InputError(f"--uncertain {uncertain!r}: use ignore or positive")

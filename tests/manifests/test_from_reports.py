@@ -204,7 +204,8 @@ def test_a_sentence_starting_in_lower_case_is_a_sentence_of_its_own(tmp_path):
     iu = ("FINDINGS: No pleural effusions or pneumothoraces. cardiomegaly. Degenerative changes of the spine. "
           "Heart size is enlarged. Lungs are clear. No focal airspace disease. IMPRESSION: Cardiomegaly.")
     found = sentences(sections(iu))
-    assert found[:3] == ["No pleural effusions or pneumothoraces.", "cardiomegaly.", "Degenerative changes of the spine."]
+    assert found[:3] == ["No pleural effusions or pneumothoraces.", "cardiomegaly.",
+                         "Degenerative changes of the spine."]
     assert len(found) == 7
     assert sentences("Seen at 10 a.m. on the film. e.g. edema is seen with Dr. smith.") == \
         ["Seen at 10 a.m. on the film.", "e.g. edema is seen with Dr. smith."]  # abbreviations do not end one
