@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxrgen.errors import InputError
+from cxrgen.files import refuse_url
 from cxrgen.pins import DEFAULT_MODEL, DEFAULT_TEXT_ENCODER
 
 SCHEDULERS = ("ddim", "dpmpp2m")
@@ -62,6 +63,9 @@ class RunConfig:
     offline: bool = False  # never touch the network: models must be in cache_dir (`cxrgen download`) or folders
 
     def __post_init__(self) -> None:
+        for flag, value in (("MANIFEST", self.manifest), ("--out", self.out), ("--model", self.model),
+                            ("--text-encoder", self.text_encoder), ("--cache-dir", self.cache_dir)):
+            refuse_url(value, flag)
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))  # frozen: normalised once, here
         _check_choice("scheduler", self.scheduler, SCHEDULERS)
         _check_choice("dtype", self.dtype, DTYPES)

@@ -13,16 +13,24 @@ EXTRA_MODULES = ("torchxrayvision", "torchmetrics", "sklearn", "matplotlib")
 
 def require_extra() -> None:
     """Import the evaluate extra's modules, or say in one line which install command fixes it."""
+    problem = extra_problem()
+    if problem is not None:
+        raise InputError(problem)
+
+
+def extra_problem() -> str | None:
+    """Why the evaluate extra cannot be used, with the install command that fixes it; None when it imports."""
     for name in EXTRA_MODULES:
         try:
             import_quietly(name)
         except ImportError as exc:
-            raise InputError(f"cxrgen evaluate needs {name}, which is not installed ({exc}); install the "
-                             f"evaluation extra with `{EXTRA_HINT}`") from None
+            return (f"cxrgen evaluate needs {name}, which is not installed ({exc}); install the evaluation extra "
+                    f"with `{EXTRA_HINT}`")
         except Exception as exc:  # noqa: BLE001 - e.g. a torchvision built for another torch fails with RuntimeError
-            raise InputError(f"cannot import {name} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
-                             f"install the evaluation extra with `{EXTRA_HINT}` and a torchvision built for your "
-                             "torch (e.g. pip install torch==2.14.1 torchvision==0.29.1)") from None
+            return (f"cannot import {name} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); install the "
+                    f"evaluation extra with `{EXTRA_HINT}` and a torchvision built for your torch (e.g. pip install "
+                    "torch==2.14.1 torchvision==0.29.1)")
+    return None
 
 
 def import_quietly(name: str):

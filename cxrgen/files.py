@@ -1,16 +1,20 @@
-"""Crash-safe local files: atomic writes (temp file, fsync, rename), digests, and the inside-OUT path check.
+"""Crash-safe local files: atomic writes (temp file, fsync, rename), digests, the inside-OUT path check, and the
+refusal of paths given as URLs (every path cxrgen takes is a local one).
 
 Also the two layout names every writer needs (the state folder and the temp-file mark), so that a write
 error can point at the run folder it happened in.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shlex
+import shutil
 import socket
 import zlib
 from pathlib import Path, PurePosixPath
@@ -20,6 +24,29 @@ from cxrgen.errors import InputError, RunError
 STATE_DIR = ".cxrgen"  # journal, lock and claims live here, beside images/
 TMP_MARK = ".tmp-"
 _HOST = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())[:32] or "host"
+
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def refuse_url(value, what: str) -> None:
+    """Refuse a path given as a URL (s3://, gs://, az://, hf://, https://, file://, ...), naming `what` (the option).
+
+    pathlib folds `s3://bucket/run` into `s3:/bucket/run`, a local folder: a run or an export would land on the
+    local disk while the user believes it is in the bucket. Every input and output path goes through here, so
+    this is the one function an object-store backend replaces.
+    """
+    match = _URL.match(str(value)) if value is not None else None
+    if match:
+        raise InputError(f"{what} {value}: {match.group(1)}:// paths are not supported (cxrgen reads and writes "
+                         "local files only); give a local path, e.g. a bucket mounted with s3fs, gcsfuse or rclone "
+                         "mount, or copy the files there first")
+
+
+def local_path(value, what: str) -> Path:
+    """`value` as a local Path (~ expanded), after `refuse_url`."""
+    refuse_url(value, what)
+    return Path(value).expanduser()
 
 
 def file_digest(path: Path, algorithm: str) -> str:
@@ -56,6 +83,37 @@ def atomic_write(path: Path, data: bytes, sync_folder: bool = True) -> None:
     except OSError as exc:
         _unlink_quietly(tmp)
         raise io_error(path, exc) from None
+
+
+@contextlib.contextmanager
+def built_aside(folder: Path):
+    """Yield a hidden sibling folder to build `folder` in; when the block succeeds it takes `folder`'s place.
+
+    Readers then find the old folder, or the new one complete, never a mix of both (at most, for the instant
+    between the two renames, none). A failure removes the new folder and leaves the old one as it was.
+    """
+    token = f"{TMP_MARK}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+    staging, old = folder.with_name(f".{folder.name}{token}"), folder.with_name(f".{folder.name}.old{token}")
+    try:
+        staging.mkdir(parents=True)
+    except OSError as exc:
+        raise io_error(folder, exc) from None
+    try:
+        yield staging
+        fsync_dir(staging)
+        if folder.exists():
+            os.rename(folder, old)
+        os.rename(staging, folder)
+        fsync_dir(folder.parent)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if old.exists() and not folder.exists():
+            os.rename(old, folder)  # put the old one back
+        raise io_error(folder, exc) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def io_error(path: Path, exc: OSError) -> RunError:

@@ -40,11 +40,43 @@ def encode_provenance(marker: dict) -> str:
     if len(text) <= _JPEG_LIMIT:
         return text
     cut = dict(marker, prompt_cut=True)
-    while len(text := json.dumps(cut, separators=(",", ":"))) > _JPEG_LIMIT:
-        longest = max(("prompt", "negative_prompt"), key=lambda name: len(cut[name]))
-        # each character takes one to twelve bytes escaped: dropping `excess` characters always makes progress
-        cut[longest] = cut[longest][:max(0, len(cut[longest]) - (len(text) - _JPEG_LIMIT))]
-    return text
+    names = [name for name in _CUT_FIELDS if isinstance(cut.get(name), str)]
+    # Both prompts get the same budget of escaped bytes (a shorter one keeps all of its own), and the largest
+    # budget that fits is found by bisection: a character takes 1 to 12 bytes once escaped ("é" is "\u00e9"), so
+    # a cut must be measured in escaped bytes, never in characters.
+    low, high = 0, max(_escaped(cut[name]) for name in names)
+    while low < high:
+        budget = (low + high + 1) // 2
+        if len(json.dumps(_within(cut, names, budget), separators=(",", ":"))) <= _JPEG_LIMIT:
+            low = budget
+        else:
+            high = budget - 1
+    return json.dumps(_within(cut, names, low), separators=(",", ":"))
+
+
+_CUT_FIELDS = ("prompt", "negative_prompt")
+
+
+def _escaped(text: str) -> int:
+    return len(json.dumps(text)) - 2  # without the quotes
+
+
+def _within(marker: dict, names: list[str], budget: int) -> dict:
+    """The marker with each named field cut to its longest start whose escaped JSON fits in `budget` bytes."""
+    result = dict(marker)
+    for name in names:
+        text = marker[name]
+        if _escaped(text) <= budget:
+            continue
+        low, high = 0, len(text)  # characters kept: escaped length grows with them, so bisect
+        while low < high:
+            keep = (low + high + 1) // 2
+            if _escaped(text[:keep]) <= budget:
+                low = keep
+            else:
+                high = keep - 1
+        result[name] = text[:low]
+    return result
 
 
 def save_options(marker: dict | None, image_format: str) -> dict:

@@ -80,3 +80,27 @@ def test_a_prompt_too_long_for_a_jpeg_comment_is_cut_to_fit():
     marker = json.loads(Image.open(io.BytesIO(data)).info["comment"])
     assert marker["prompt_cut"] is True and marker["image_id"] == "a_0000"
     assert row["prompt"].startswith(marker["prompt"]) and row["negative_prompt"].startswith(marker["negative_prompt"])
+
+
+def _row(prompt: str, negative_prompt: str = "") -> dict:
+    return {"cxrgen_version": "0.1.0", "image_id": "a_0000", "seed": 1, "prompt": prompt,
+            "negative_prompt": negative_prompt, "guidance_scale": 7.0, "steps": 50, "scheduler": "ddim",
+            "model_name": "m", "model_version": "1", "autoencoder_md5": "x", "diffusion_model_md5": "y"}
+
+
+@pytest.mark.parametrize("prompt, negative", [("\u00e9" * 70_000, ""), ("\u00e9" * 70_000, "\u00e9" * 70_000),
+                                              ("\U0001F600" * 20_000, "no"), ("a" * 70_000, "\u00e9" * 50)])
+def test_non_ascii_prompts_are_cut_to_fit_not_to_nothing(prompt, negative):
+    # issue 19, item 11: the excess was measured in escaped bytes but removed in characters
+    text = encode_provenance(provenance_of(_row(prompt, negative)))
+    marker = json.loads(text)
+    assert len(text) <= 65533 and text.isascii() and marker["prompt_cut"] is True
+    assert prompt.startswith(marker["prompt"]) and negative.startswith(marker["negative_prompt"])
+    assert len(marker["prompt"]) > 1000  # cut to fit: most of the 64 KB segment still holds the prompt
+    assert len(text) > 65533 - 12  # and no shorter than it must be: one more character would not fit
+    if len(negative) > 1000:  # both long: both keep a fair share, neither is emptied for the other
+        assert len(marker["negative_prompt"]) > 1000
+    else:  # a short one is kept whole
+        assert marker["negative_prompt"] == negative
+    data = encode_image(np.zeros((8, 8), np.uint8), "jpg", 95, provenance_of(_row(prompt, negative)))
+    assert read_provenance(io.BytesIO(data))["prompt"] == marker["prompt"]

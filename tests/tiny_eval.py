@@ -86,13 +86,14 @@ def write_image(path: Path, pixels: np.ndarray) -> Path:
 
 
 def make_run(out: Path, pixels: list, prompts: list[str] | None = None, labels: dict | None = None,
-             planned: int | None = None, metadata: bool = True, fmt: str = "png") -> Path:
+             planned: int | None = None, metadata: bool = True, fmt: str = "png", ids: list[str] | None = None) -> Path:
     """A finished cxrgen run folder made directly: run.json, images/00000/*, metadata.parquet (with label columns).
 
-    An entry of pixels may be bytes: written as they are (an unreadable file, say).
+    An entry of pixels may be bytes: written as they are (an unreadable file, say). ids: the image ids, in plan
+    order (default img000_0000, img001_0000, ...: already sorted).
     """
     out.mkdir(parents=True, exist_ok=True)
-    ids = [f"img{i:03d}_0000" for i in range(len(pixels))]
+    ids = ids or [f"img{i:03d}_0000" for i in range(len(pixels))]
     names = [f"images/00000/{image_id}.{fmt}" for image_id in ids]
     for name, image in zip(names, pixels):
         if isinstance(image, bytes):

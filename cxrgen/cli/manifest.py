@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrgen.cli.options import fail
+from cxrgen.cli.options import fail, local
 from cxrgen.errors import CxrgenError
 
 manifest_app = typer.Typer(
@@ -17,10 +17,12 @@ manifest_app = typer.Typer(
 Tokenizer = Annotated[Optional[str], typer.Option(
     "--tokenizer", help="Folder with the SD 2.x CLIP tokenizer files (or a text-encoder folder holding tokenizer/) "
     "used to check the 77-token limit. [default: the copy shipped with cxrgen]")]
-ManifestOut = Annotated[Path, typer.Option("--out", "-o", help="The manifest to write: .csv or .parquet.")]
+ManifestOut = Annotated[Path, typer.Option("--out", "-o", parser=local("--out"),
+                                           help="The manifest to write: .csv or .parquet.")]
 
 def manifest_from_labels(
-    labels: Annotated[Path, typer.Argument(metavar="LABELS", help="Label table (CSV, TSV or Parquet): one row per "
+    labels: Annotated[Path, typer.Argument(metavar="LABELS", parser=local("LABELS"),
+                                           help="Label table (CSV, TSV or Parquet): one row per "
                                            "real image, one "
                                            "column per finding holding 1, 0, -1 (uncertain) or blank.")],
     out: ManifestOut,
@@ -42,7 +44,8 @@ def manifest_from_labels(
                                            "as positive (U-Ones).")] = "ignore",
     counts: Annotated[bool, typer.Option("--counts", help="LABELS is a table of counts: columns finding, positive "
                                          "(negative, uncertain, blank optional); single-finding prompts.")] = False,
-    templates: Annotated[Optional[Path], typer.Option("--templates", help="JSON template file replacing the "
+    templates: Annotated[Optional[Path], typer.Option("--templates", parser=local("--templates"),
+                                                      help="JSON template file replacing the "
                                                       "shipped set (format: docs/manifests.md).")] = None,
     tokenizer: Tokenizer = None,
     seed: Annotated[int, typer.Option(help="Seed of the draw; same input and seed give the same bytes.")] = 0,
@@ -79,7 +82,8 @@ def manifest_from_labels(
 
 
 def manifest_from_reports(
-    reports: Annotated[Path, typer.Argument(metavar="REPORTS", help="Table of reports (CSV, TSV or Parquet), one "
+    reports: Annotated[Path, typer.Argument(metavar="REPORTS", parser=local("REPORTS"),
+                                            help="Table of reports (CSV, TSV or Parquet), one "
                                             "report per row.")],
     out: ManifestOut,
     text_column: Annotated[str, typer.Option("--text-column", help="Column with the report text; several, "

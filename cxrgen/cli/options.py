@@ -13,7 +13,26 @@ import typer
 
 from cxrgen.config import offline_from_env
 from cxrgen.errors import CxrgenError
+from cxrgen.files import refuse_url
 from cxrgen.runs.workers import rank_from_env
+
+
+def local(what: str):
+    """The parser of a path argument or option: a local Path, or the one-line refusal of a URL (exit 2).
+
+    Typer would fold `s3://bucket/run` into the local path `s3:/bucket/run` before any command sees it, so the
+    text as typed is checked here, by the same function the library uses (cxrgen.files.refuse_url).
+    """
+    def parse(value) -> Path:
+        if isinstance(value, Path):
+            return value
+        try:
+            refuse_url(value, what)
+        except CxrgenError as exc:
+            fail(exc)
+        return Path(value)
+
+    return parse
 
 # Options shared by generate and resume: speed options, which never change which images exist or their
 # seeds (float rounding of batched kernels aside: docs/generating.md, "What a resume gives").
@@ -39,10 +58,12 @@ Shard = Annotated[Optional[str], typer.Option(
 Shards = Annotated[Optional[int], typer.Option(
     "--shards", help="Number of shards N of a Kubernetes Indexed Job (JOB_COMPLETION_INDEX gives I); "
     "default $CXRGEN_SHARDS.")]
-CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Bundle download cache "
+CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", parser=local("--cache-dir"),
+                                                  help="Bundle download cache "
                                                   "(default: $CXRGEN_HOME or ~/.cache/cxrgen).")]
 # What generate and plan (its dry run) spell the same way: the manifest and the per-row defaults.
-ManifestArg = Annotated[Path, typer.Argument(metavar="MANIFEST", help="CSV, TSV or Parquet file with a prompt "
+ManifestArg = Annotated[Path, typer.Argument(metavar="MANIFEST", parser=local("MANIFEST"),
+                                             help="CSV, TSV or Parquet file with a prompt "
                                              "column.")]
 ManifestFormat = Annotated[str, typer.Option(help="auto, csv, tsv or parquet.")]
 PromptColumn = Annotated[str, typer.Option(help="Column holding the report sentence.")]
@@ -52,7 +73,8 @@ NumImages = Annotated[int, typer.Option(help="Images per row (column num_images 
 GuidanceScale = Annotated[float, typer.Option(help="Classifier-free guidance (column overrides).")]
 NegativePrompt = Annotated[str, typer.Option(help="Unconditional prompt (column overrides).")]
 Seed = Annotated[int, typer.Option(help="Base seed of the run (column seed overrides).")]
-FinishedOut = Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of a finished run (holds "
+FinishedOut = Annotated[Path, typer.Argument(metavar="OUT", parser=local("OUT"),
+                                             help="Output folder of a finished run (holds "
                                              "metadata.parquet).")]
 Offline = Annotated[bool, typer.Option("--offline", help="Never touch the network (also HF_HUB_OFFLINE=1): models "
                                        "must be staged with `cxrgen download` or given as folders.")]
@@ -103,8 +125,12 @@ def exit_for(result, share) -> None:
         raise typer.Exit(INCOMPLETE_EXIT_CODE)
 
 
-def this_share(shard: Optional[str], shards: Optional[int]):
-    """This process's part of the plan from --shard, an array job's variables and launcher ranks."""
-    from cxrgen.runs.workers import parse_shard, shard_from_env, share_of
+def this_share(shard: Optional[str], shards: Optional[int], out: Path):
+    """This process's part of the plan from --shard, an array job's variables, the split recorded in OUT and
+    launcher ranks."""
+    from cxrgen.runs.state import recorded_split
+    from cxrgen.runs.workers import parse_shard, resolve_shard, shard_from_env, share_of
 
-    return share_of(parse_shard(shard) if shard else shard_from_env(os.environ, shards), rank_from_env(os.environ))
+    request = parse_shard(shard) if shard else shard_from_env(os.environ, shards)
+    chosen, split = resolve_shard(request, recorded_split(out) if request is not None else None)
+    return share_of(chosen, rank_from_env(os.environ), split)

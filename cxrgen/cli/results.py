@@ -7,17 +7,27 @@ from typing import Annotated, Optional
 
 import typer
 
-from cxrgen.cli.options import FinishedOut, Offline, Quiet, Verbose, fail, stay_offline
+from cxrgen.cli.options import (
+    FinishedOut,
+    Offline,
+    Quiet,
+    Verbose,
+    fail,
+    local,
+    stay_offline,
+)
 from cxrgen.config import default_cache_dir
 from cxrgen.errors import CxrgenError
 
 
 def evaluate(
-    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of a finished run.")],
-    real: Annotated[Optional[Path], typer.Option("--real", help="Real chest X-rays: a folder of PNG/JPEG files "
+    out: Annotated[Path, typer.Argument(metavar="OUT", parser=local("OUT"), help="Output folder of a finished run.")],
+    real: Annotated[Optional[Path], typer.Option("--real", parser=local("--real"),
+                                                 help="Real chest X-rays: a folder of PNG/JPEG files "
                                                  "(searched recursively) or a CSV/Parquet table with a path column "
                                                  "(relative to the table) and optional label columns.")] = None,
-    label_map: Annotated[Optional[Path], typer.Option("--label-map", help="JSON object label column -> classifier "
+    label_map: Annotated[Optional[Path], typer.Option("--label-map", parser=local("--label-map"),
+                                                      help="JSON object label column -> classifier "
                                                       "pathology; extends or overrides the built-in map.")] = None,
     min_score: Annotated[float, typer.Option("--min-score", help="Calibrated score a positive label must reach "
                                              "(0.5 = the classifier's operating point).")] = 0.5,
@@ -25,13 +35,15 @@ def evaluate(
                                             "64 on CUDA.")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     evaluator_weights: Annotated[Optional[Path], typer.Option(
-        "--evaluator-weights", help="torchxrayvision densenet121-res224-all release file (default: downloaded once "
+        "--evaluator-weights", parser=local("--evaluator-weights"),
+        help="torchxrayvision densenet121-res224-all release file (default: downloaded once "
         "to $CXRGEN_HOME/torchxrayvision/).")] = None,
     evaluator_unsafe_pickle: Annotated[bool, typer.Option(
         "--evaluator-unsafe-pickle", help="Load a weight file that needs classes outside the allow-list with plain "
         "torch.load, as torchxrayvision does: this RUNS CODE FROM THE FILE; only for files you trust.")] = False,
     max_pairs: Annotated[int, typer.Option("--max-pairs", help="MS-SSIM pairs per set at most (0: skip).")] = 2000,
-    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Evaluator weights (torchxrayvision/) and "
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", parser=local("--cache-dir"),
+                                                      help="Evaluator weights (torchxrayvision/) and "
                                                       "real-set features (eval-cache/) (default: $CXRGEN_HOME or "
                                                       "~/.cache/cxrgen).")] = None,
     quiet: Quiet = False, offline: Offline = False, verbose: Verbose = False,
@@ -65,10 +77,11 @@ def evaluate(
 
 
 def reproduce(
-    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of a run.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", parser=local("OUT"), help="Output folder of a run.")],
     image_id: Annotated[str, typer.Argument(metavar="IMAGE_ID", help="The image's id (column image_id of "
                                                                    "metadata.parquet).")],
-    copy: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the regenerated image to this "
+    copy: Annotated[Optional[Path], typer.Option("--out", "-o", parser=local("--out"),
+                                                 help="Also write the regenerated image to this "
                                                  "file (the run's format; outside OUT).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: the kind of "
                                                   "device the image was made on).")] = None,
@@ -101,7 +114,8 @@ def reproduce(
 
 def export(
     out: FinishedOut,
-    to: Annotated[Path, typer.Option("--to", help="Folder to create (new or empty, outside OUT).")],
+    to: Annotated[Path, typer.Option("--to", parser=local("--to"),
+                                     help="Folder to create (new or empty, outside OUT).")],
     format: Annotated[str, typer.Option("--format", help="webdataset (tar shards of <key>.jpg|png + <key>.json) "
                                         "or imagefolder (hard-linked images + metadata.parquet).")] = "webdataset",
     shard_size: Annotated[str, typer.Option("--shard-size", help="webdataset: bytes per shard at most, e.g. 1GB, "

@@ -33,6 +33,7 @@ from cxrgen.cli.options import (
     exit_for,
     fail,
     interrupted,
+    local,
     stay_offline,
     this_share,
 )
@@ -45,7 +46,8 @@ _IGNORED = "Accepted so that a generate command line works unchanged; plan ignor
 
 def generate(
     manifest: ManifestArg,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: beside the "
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", parser=local("--out"),
+                                                help="Output folder (default: beside the "
                                                 "manifest, named after it).")] = None,
     manifest_format: ManifestFormat = "auto",
     prompt_column: PromptColumn = "prompt",
@@ -97,7 +99,7 @@ def generate(
             offline=stay_offline(offline, verbose),
             **({} if rank_wait is None else {"rank_wait": rank_wait}),
         )
-        share = this_share(shard, shards)
+        share = this_share(shard, shards, Path(config.out))
         result = run_generate(config, rank=share)
     except CxrgenError as exc:
         fail(exc)
@@ -107,7 +109,8 @@ def generate(
 
 
 def resume(
-    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of an earlier run (holds run.json).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", parser=local("OUT"),
+                                        help="Output folder of an earlier run (holds run.json).")],
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per UNet call; 0 picks one "
                                                       "for the device. [default: the saved value]")] = None,
     decode_batch_size: Annotated[Optional[int], typer.Option("--decode-batch-size", help="Latents per decoder "
@@ -117,7 +120,8 @@ def resume(
                                                   "cuda:0,cuda:2. [default: the saved value]")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Worker processes on this machine. "
                                                    "[default: the saved value]")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Bundle download cache. [default: the "
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", parser=local("--cache-dir"),
+                                                      help="Bundle download cache. [default: the "
                                                       "saved value]")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="Re-read, checksum and decode every recorded image "
                                          "first and remake damaged ones (slow on big runs; by default one "
@@ -136,7 +140,7 @@ def resume(
     try:
         from cxrgen.runs.generate import resume as run_resume
 
-        share = this_share(shard, shards)
+        share = this_share(shard, shards, out)
         result = run_resume(out, rank=share, batch_size=batch_size,
                             decode_batch_size=decode_batch_size, device=device, workers=workers,
                             cache_dir=str(cache_dir.resolve()) if cache_dir else None, rank_wait=rank_wait,
@@ -149,7 +153,7 @@ def resume(
 
 
 def status(
-    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of a run.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", parser=local("OUT"), help="Output folder of a run.")],
     finalize: Annotated[bool, typer.Option("--finalize", help="Write metadata.parquet if every image is done "
                                            "but no process merged the records (e.g. a rank died).")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Re-read, checksum and decode every recorded image "
@@ -180,7 +184,7 @@ def status(
     typer.echo(f"planned:   {report.planned}")
     typer.echo(f"done:      {report.done}")
     typer.echo(f"remaining: {report.remaining}")
-    typer.echo(f"metadata:  {'complete' if report.finalized else 'not written yet'}")
+    typer.echo(f"metadata:  {_metadata_state(report)}")
     for label, names in (("recorded but missing or unreadable", report.missing_files),
                          ("files with no record", report.orphaned_files), ("temporary files", report.temp_files)):
         if names:
@@ -190,9 +194,20 @@ def status(
         raise typer.Exit(1)
 
 
+def _metadata_state(report) -> str:
+    if report.finalized:
+        return "complete"
+    if report.metadata_rows == report.planned and report.remaining:
+        return f"written, but {report.remaining} image(s) are missing or damaged (resume remakes them and merges again)"
+    if report.metadata_rows == report.planned:
+        return "written, but the dataset card README.md is missing (resume writes it)"
+    return "not written yet"
+
+
 def plan(
     manifest: ManifestArg,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder generate would use (default: "
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", parser=local("--out"),
+                                                help="Output folder generate would use (default: "
                                                 "beside the manifest, named after it).")] = None,
     manifest_format: ManifestFormat = "auto",
     prompt_column: PromptColumn = "prompt",
@@ -215,7 +230,8 @@ def plan(
     decode_batch_size: Annotated[int, typer.Option("--decode-batch-size", hidden=True, help=_IGNORED)] = 0,
     channels_last: Annotated[bool, typer.Option("--channels-last", hidden=True, help=_IGNORED)] = False,
     compile: Annotated[bool, typer.Option("--compile", hidden=True, help=_IGNORED)] = False,
-    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", hidden=True, help=_IGNORED)] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", hidden=True, parser=local("--cache-dir"),
+                                                      help=_IGNORED)] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", hidden=True, help=_IGNORED)] = None,
     shards: Annotated[Optional[int], typer.Option("--shards", hidden=True, help=_IGNORED)] = None,
     rank_wait: Annotated[Optional[float], typer.Option("--rank-wait", hidden=True, help=_IGNORED)] = None,

@@ -30,7 +30,7 @@ from cxrgen import __version__
 from cxrgen.errors import InputError, RunError
 from cxrgen.evaluation import metrics as em
 from cxrgen.extras import require_extra
-from cxrgen.files import atomic_write, resume_command
+from cxrgen.files import atomic_write, built_aside, inside, refuse_url, resume_command
 from cxrgen.hub.sources import Source
 from cxrgen.model.classifier import (
     FEATURES,
@@ -69,6 +69,9 @@ class EvalOptions:
     offline: bool = False  # never download the weights: they must be staged (`cxrgen download --evaluator`)
 
     def __post_init__(self) -> None:
+        for flag, value in (("OUT", self.out), ("--real", self.real), ("--label-map", self.label_map),
+                            ("--evaluator-weights", self.evaluator_weights), ("--cache-dir", self.cache_dir)):
+            refuse_url(value, flag)
         if not (0.0 <= self.min_score <= 1.0):
             raise InputError(f"--min-score {self.min_score}: use a calibrated score from 0 to 1 (0.5 is the "
                              "classifier's operating point)")
@@ -139,6 +142,8 @@ def evaluate_run(options: EvalOptions, *, weights_source: Source | None = None) 
     require_extra()
     out = Path(options.out).expanduser().resolve()
     table, planned = _finished_run(out)
+    # a metadata.parquet may come from anywhere: never read a file outside OUT (export and preview refuse too)
+    files = [inside(out, name) for name in table.column("file_name").to_pylist()]
     info = release_info()
     pathologies = [name for name in info["labels"] if name]
     user_map = em.read_label_map(options.label_map, pathologies)
@@ -155,7 +160,6 @@ def evaluate_run(options: EvalOptions, *, weights_source: Source | None = None) 
     timings = {"load_s": time.monotonic() - started}  # extras imported, inputs checked, network loaded
 
     # 2. one pass over the synthetic images; MS-SSIM pairs are chosen first so only their crops are kept
-    files = [out / name for name in table.column("file_name").to_pylist()]
     within, across = _run_pairs(table.column("prompt").to_pylist(), options.max_pairs)
     real_cache = _cache_path(options, evaluator, real_files, options.real) if real_files else None
     cached = _read_cache(real_cache) if real_cache else None
@@ -224,15 +228,20 @@ def evaluate_run(options: EvalOptions, *, weights_source: Source | None = None) 
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
 
-    # 5. outputs, each written atomically; metadata.parquet and the images are never touched
+    # 5. OUT/quality/ built aside and swapped in whole: a failure (a full disk, a plot that cannot be drawn)
+    # leaves the previous evaluation as it was; metadata.parquet and the images are never touched
     from cxrgen.evaluation.report import write_report
 
     folder = out / EVAL_DIR
-    scores_path = folder / "scores.parquet"
-    _safe_write(scores_path, _scores_table(table, evaluator.pathologies, synthetic.scores, flags))
-    report_path = write_report(folder, summary, synthetic.scores, states, columns, ms_ssim, _safe_write)
-    summary_path = folder / "summary.json"
-    _safe_write(summary_path, (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+    try:
+        with built_aside(folder) as staging:
+            scores_table = _scores_table(table, evaluator.pathologies, synthetic.scores, flags)
+            _safe_write(staging / "scores.parquet", scores_table)
+            report_name = write_report(staging, summary, synthetic.scores, states, columns, ms_ssim, _safe_write).name
+            _safe_write(staging / "summary.json", (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+    except RunError as exc:
+        raise RunError(f"{str(exc).split(';')[0]}; fix the problem, then run cxrgen evaluate again") from None
+    scores_path, summary_path, report_path = folder / "scores.parquet", folder / "summary.json", folder / report_name
     return EvalResult(out=out, summary=summary, scores_path=scores_path, summary_path=summary_path,
                       report_path=report_path, synthetic_features=synthetic.features[readable],
                       real_features=None if real is None else real["features"],

@@ -8,15 +8,15 @@ from typing import Callable
 
 import numpy as np
 
+from cxrgen.markdown import md_code, md_text
 from cxrgen.runs.journal import EVAL_DIR
 
 Write = Callable[[Path, bytes], None]  # an atomic writer (evaluate's, so errors read the same)
-_PLOT = re.compile(r"(score_\d+_.*|ms_ssim)\.png")
 
 
 def write_report(folder: Path, summary: dict, scores: np.ndarray, states: dict, columns: dict,
                  ms_ssim: dict, write: Write) -> Path:
-    """Write the plots and report.md into folder; plots of an earlier evaluation that this one lacks are removed."""
+    """Write the plots and report.md into folder (a new, empty one: evaluate builds OUT/quality/ aside)."""
     plots: list[str] = []
     if any(v is not None and len(v) for v in ms_ssim.values()):
         write(folder / "ms_ssim.png", _ms_ssim_plot(ms_ssim))
@@ -28,9 +28,6 @@ def write_report(folder: Path, summary: dict, scores: np.ndarray, states: dict, 
                                          summary["min_score"]))
         finding_plots[column] = name
         plots.append(name)
-    for stale in folder.glob("*.png"):  # re-running replaces the report: no plot of an older label set stays
-        if _PLOT.fullmatch(stale.name) and stale.name not in plots:
-            stale.unlink(missing_ok=True)
     path = folder / "report.md"
     write(path, _markdown(summary, finding_plots, "ms_ssim.png" in plots).encode("utf-8"))
     return path
@@ -79,8 +76,9 @@ def _score_plot(column: str, finding: dict, states: list, scores: np.ndarray, mi
             ax.hist(values, bins=bins, alpha=0.55, color=color, label=f"{name} label ({len(values)})")
     ax.axvline(min_score, color="black", linestyle="--", linewidth=1, label=f"--min-score {min_score:g}")
     auroc = "n/a" if finding["auroc"] is None else f"{finding['auroc']:.3f}"
-    ax.set_title(f"{column} -> {finding['pathology']} (AUROC {auroc})")
-    ax.set_xlabel(f"classifier score for {finding['pathology']} (0.5 = operating point)")
+    # label text is plain text: a column named "x $\\frac$ y" must not reach matplotlib's mathtext parser
+    ax.set_title(f"{column} -> {finding['pathology']} (AUROC {auroc})", parse_math=False)
+    ax.set_xlabel(f"classifier score for {finding['pathology']} (0.5 = operating point)", parse_math=False)
     ax.set_ylabel("images")
     ax.legend(loc="upper center", fontsize=8)
     return _png(figure)
@@ -93,8 +91,9 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def _markdown(s: dict, finding_plots: dict, has_ms_ssim_plot: bool) -> str:
-    lines = ["# Evaluation of a cxrgen run", "", f"Run: `{s['out']}`. {s['n_images']} images, "
-             f"{s['n_accepted']} accepted. Classifier: torchxrayvision `{s['evaluator']['release']}` "
+    # every name from the manifest or the label map is escaped (cxrgen.markdown): viewers render HTML too
+    lines = ["# Evaluation of a cxrgen run", "", f"Run: {md_code(s['out'])}. {s['n_images']} images, "
+             f"{s['n_accepted']} accepted. Classifier: torchxrayvision {md_code(s['evaluator']['release'])} "
              f"(weights sha256 `{s['evaluator']['sha256'][:16]}...`). Research use only.", ""]
     # 1. fidelity
     lines += ["## Fidelity (against real images)", ""]
@@ -131,22 +130,22 @@ def _markdown(s: dict, finding_plots: dict, has_ms_ssim_plot: bool) -> str:
         lines += ["| column | pathology | positives | negatives | AUROC | median positive score | agreement |",
                   "|---|---|---|---|---|---|---|"]
         for column, f in s["findings"].items():
-            lines.append(f"| {column} | {f['pathology']} | {f['n_pos']} | {f['n_neg']} | {_fmt(f['auroc'])} | "
-                         f"{_fmt(f['median_pos_score'])} | {_fmt(f['agreement'])} |")
+            lines.append(f"| {md_text(column)} | {md_text(f['pathology'])} | {f['n_pos']} | {f['n_neg']} | "
+                         f"{_fmt(f['auroc'])} | {_fmt(f['median_pos_score'])} | {_fmt(f['agreement'])} |")
         lines += ["", "AUROC needs at least one positive and one negative image; n/a otherwise.", ""]
         for column, name in finding_plots.items():
-            lines += [f"### {column}", "", f"![scores of {column}]({name})", ""]
+            lines += [f"### {md_text(column)}", "", f"![scores of {md_text(column)}]({name})", ""]
     else:
         lines += ["No label column is mapped to a classifier pathology.", ""]
     if s["not_evaluated"]:
         lines += [f"Not evaluated (no classifier pathology mapped; add them with `--label-map`): "
-                  f"{', '.join(s['not_evaluated'])}.", ""]
+                  f"{', '.join(md_text(c) for c in s['not_evaluated'])}.", ""]
     if s.get("findings_real"):
         lines += ["Reference on the real set's own labels (how well the classifier reads real images):", "",
                   "| column | pathology | positives | negatives | AUROC | agreement |", "|---|---|---|---|---|---|"]
         for column, f in s["findings_real"].items():
-            lines.append(f"| {column} | {f['pathology']} | {f['n_pos']} | {f['n_neg']} | {_fmt(f['auroc'])} | "
-                         f"{_fmt(f['agreement'])} |")
+            lines.append(f"| {md_text(column)} | {md_text(f['pathology'])} | {f['n_pos']} | {f['n_neg']} | "
+                         f"{_fmt(f['auroc'])} | {_fmt(f['agreement'])} |")
         lines.append("")
     # 4. verdicts
     lines += ["## Per-image verdict", "", "| flag | images | meaning |", "|---|---|---|"]

@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxrgen.errors import InputError
-from cxrgen.extras import require_extra
+from cxrgen.extras import extra_problem, require_extra
+from cxrgen.files import refuse_url
 from cxrgen.hub.download import (
     Component,
     FileState,
@@ -57,22 +58,25 @@ class CacheReport:
     optional: list[ComponentReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # components not in the cache (folders used in place, ...)
     others: list[str] = field(default_factory=list)  # other versions in the cache, not asked about
+    extra: str | None = None  # --evaluator: why the evaluate extra cannot be imported (None: it can)
 
     @property
     def complete(self) -> bool:
-        """Every component asked about is there and verifies."""
-        return all(c.status == "complete" for c in self.components)
+        """Every component asked about is there and verifies (with --evaluator: and the evaluate extra imports)."""
+        return all(c.status == "complete" for c in self.components) and self.extra is None
 
     def to_dict(self) -> dict:
         """JSON-ready form (`cxrgen info --json`)."""
-        return {"cache_dir": str(self.cache_dir), "complete": self.complete,
+        return {"cache_dir": str(self.cache_dir), "complete": self.complete, "evaluate_extra_problem": self.extra,
                 "components": [c.to_dict() for c in self.components],
                 "optional": [c.to_dict() for c in self.optional], "notes": self.notes, "others": self.others}
 
     def problem(self) -> InputError | None:
         """The error naming the first missing or corrupt file and the command that fetches it; None if complete."""
         bad = next((r for r in self.components if r.status != "complete"), None)
-        return None if bad is None else offline_error(bad.component, bad.files)
+        if bad is None:
+            return None if self.extra is None else InputError(self.extra)
+        return offline_error(bad.component, bad.files)
 
     def lines(self) -> list[str]:
         """The human-readable report."""
@@ -87,6 +91,8 @@ class CacheReport:
                 out.append(f"  {state.status:<10}  {size:>16}  {state.path.relative_to(c.folder)}")
             if report.status != "complete":
                 out.append(f"  fetch with: {c.command}")
+        if self.extra is not None:
+            out.append(f"evaluate extra: missing: {self.extra}")
         out.extend(f"note: {note}" for note in self.notes)
         if self.others:
             out.append(f"also in the cache: {', '.join(self.others)}")
@@ -97,6 +103,7 @@ def download(cache_dir: str | Path, model: str = DEFAULT_MODEL, text_encoder: st
              evaluator: bool = False, *, source: Source | None = None, offline: bool = False, progress: bool = True,
              log=None) -> CacheReport:
     """Stage what a run needs (and the evaluator's weights if asked), then report the cache; offline: report only."""
+    _refuse_urls(cache_dir, model, text_encoder)
     if evaluator:
         require_extra()  # says which install command adds torchxrayvision
     if not offline:
@@ -109,6 +116,7 @@ def download(cache_dir: str | Path, model: str = DEFAULT_MODEL, text_encoder: st
 def cache_report(cache_dir: str | Path, model: str = DEFAULT_MODEL, text_encoder: str = DEFAULT_TEXT_ENCODER,
                  evaluator: bool = False) -> CacheReport:
     """Check the cache for the bundle and text encoder a run with these options needs (and the evaluator's weights)."""
+    _refuse_urls(cache_dir, model, text_encoder)
     cache_dir = Path(cache_dir).expanduser().resolve()
     components, notes = [], []
     for option, value, make in (("--model", model, bundle_component), ("--text-encoder", text_encoder,
@@ -127,7 +135,14 @@ def cache_report(cache_dir: str | Path, model: str = DEFAULT_MODEL, text_encoder
     # weights found in the cache but not asked about are shown, not required
     required = [r for r in reports if evaluator or r.component.kind != "evaluator weights"]
     optional = [r for r in reports if r not in required]
-    return CacheReport(cache_dir, required, optional, notes, _others(cache_dir, components))
+    # `cxrgen evaluate` needs the extra as much as the weights: exit 0 must mean it can run
+    return CacheReport(cache_dir, required, optional, notes, _others(cache_dir, components),
+                       extra_problem() if evaluator else None)
+
+
+def _refuse_urls(cache_dir, model: str, text_encoder: str) -> None:
+    for what, value in (("--cache-dir", cache_dir), ("--model", model), ("--text-encoder", text_encoder)):
+        refuse_url(value, what)
 
 
 def _others(cache_dir: Path, components: list[Component]) -> list[str]:

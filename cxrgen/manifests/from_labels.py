@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxrgen.errors import InputError
+from cxrgen.files import local_path, refuse_url
 from cxrgen.manifests.labels import (
     FindingCounts,
     Goal,
@@ -68,7 +69,8 @@ class FromLabelsResult:
         result = []
         for c in self.labels.findings:
             made = self.synthetic.get(c.finding, 0)
-            result.append((c.column, c.positive, c.negative, c.uncertain, c.blank, made, c.positive + made))
+            result.append((c.column, c.positive, c.negative, c.uncertain, c.blank, made,
+                           c.real_positives(self.labels.uncertain) + made))
         return result
 
 
@@ -79,7 +81,9 @@ def build_from_labels(labels_path: str | Path, out: str | Path, *, findings: lis
                       templates: str | Path | None = None, tokenizer: str | None = None,
                       seed: int = 0) -> FromLabelsResult:
     """Read a label table (or a table of counts), balance it, and write the manifest to `out`."""
-    labels_path, out = Path(labels_path), Path(out)
+    refuse_url(templates, "--templates")
+    refuse_url(tokenizer, "--tokenizer")
+    labels_path, out = local_path(labels_path, "LABELS"), local_path(out, "--out")
     check_output(out, labels_path)
     if not 1 <= max_findings <= 3:
         raise InputError(f"--max-findings {max_findings}: use 1, 2 or 3 findings per prompt")
@@ -97,10 +101,10 @@ def build_from_labels(labels_path: str | Path, out: str | Path, *, findings: lis
         raise InputError(f"--normals {normals}: the template set {template_set.source} has no normal prompts; add a "
                          '"normal" section')
     table = read_table(labels_path, "label table")
-    labels = read_counts(table, template_set.names, findings) if counts else \
+    labels = read_counts(table, template_set.names, findings, uncertain) if counts else \
         read_labels(table, template_set.names, findings, uncertain, template_set.normal)
     plan = goal(labels.findings, target=target, ratio=ratio, total=total, max_per_finding=max_per_finding,
-                normal=template_set.normal)
+                normal=template_set.normal, uncertain=uncertain)
     rng = random.Random(seed)
     images = draw_images(labels, plan, template_set, rng, max_findings, co_occurrence) + [Image(None, ())] * normals
     if not images:
@@ -113,7 +117,7 @@ def build_from_labels(labels_path: str | Path, out: str | Path, *, findings: lis
         synthetic[template_set.normal] = normals
     return FromLabelsResult(labels, dict(synthetic), len(images), sum(len(i.findings) > 1 for i in images), normals,
                             len(columns["id"]), out, _notes(labels.findings, plan, synthetic, ratio, len(images) -
-                                                            normals, template_set.normal))
+                                                            normals, template_set.normal, uncertain))
 
 
 def draw_images(labels: LabelTable, plan: Goal, templates: TemplateSet, rng: random.Random,
@@ -124,7 +128,7 @@ def draw_images(labels: LabelTable, plan: Goal, templates: TemplateSet, rng: ran
     "needed": only while it still needs positives itself, so findings common already are not inflated.
     """
     order = [f for f in templates.findings if f in plan.need]
-    real = {c.finding: c.positive for c in labels.findings}
+    real = {c.finding: c.real_positives(labels.uncertain) for c in labels.findings}  # ranking follows the policy
     allowed = templates.allowed_pairs()
     # cumulative weights once per finding: random.choices draws the same with them as with the plain weights
     companions = {f: (options, list(itertools.accumulate(rows for _, rows in options)))
@@ -244,7 +248,7 @@ def _manifest_columns(labels: LabelTable, templates: TemplateSet, images: list[I
 
 
 def _notes(counts: list[FindingCounts], plan: Goal, synthetic: Counter, ratio: float | None, images: int,
-           normal: str | None) -> list[str]:
+           normal: str | None, uncertain: str = "ignore") -> list[str]:
     """Why a finding got fewer synthetic positives than one might expect."""
     notes = []
     for c in counts:
@@ -252,7 +256,7 @@ def _notes(counts: list[FindingCounts], plan: Goal, synthetic: Counter, ratio: f
             continue
         if plan.cap is not None and synthetic[c.finding] >= plan.cap:
             notes.append(f"{c.column}: stopped at --max-per-finding {plan.cap}")
-        if ratio is not None and c.positive == 0:
+        if ratio is not None and c.real_positives(uncertain) == 0:
             notes.append(f"{c.column}: no real positives, so --ratio gives it none; use --target for it")
     if plan.total is not None and images < plan.total:
         notes.append(f"--total {plan.total}: every finding reached --max-per-finding after {images} image(s)")

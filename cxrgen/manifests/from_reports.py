@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from cxrgen.errors import InputError
+from cxrgen.files import local_path, refuse_url
 from cxrgen.manifests.reader import OVERRIDE_COLUMNS, _typed_labels
 from cxrgen.manifests.tables import (
     check_output,
@@ -21,21 +22,26 @@ from cxrgen.manifests.tables import (
 )
 from cxrgen.manifests.tokens import MAX_TOKENS, TokenCounter, load_counter
 
-# Sections the model's prompts came from, and the other headers of MIMIC-CXR and IU X-ray reports. Only named
-# headers count: a structured report's "LUNGS:" or "HEART:" inside FINDINGS is findings text, not a new section.
-_WANTED = ("findings and impression", "findings/impression", "findings", "impressions", "impression",
-           "conclusions", "conclusion")
-_OTHER = ("final report", "examination", "exam", "type of examination", "indications", "indication",
-          "clinical history", "clinical information", "history", "reason for examination", "reason for exam",
-          "technique", "comparisons", "comparison", "procedure", "notification", "recommendations",
-          "recommendation", "wet read", "addendum", "reference exam", "study")
-_NAMED = "|".join(re.escape(h).replace(r"\ ", r"\s+") for h in _WANTED + _OTHER)
-_HEADER = re.compile(rf"(?<![A-Za-z])({_NAMED})\s*:", re.IGNORECASE)
+# Sections the model's prompts came from, and the other headers of MIMIC-CXR and IU X-ray reports (MIMIC-CXR's
+# section_parser.py lists their spellings and counts). Only named headers count: a structured report's "LUNGS:" or
+# "HEART:" inside FINDINGS is findings text, not a new section. Any name may end in "s" or a literal "(s)", as
+# MIMIC-CXR writes RECOMMENDATION(S): and IMPRESSION(S):.
+_WANTED = ("findings and impression", "findings/impression", "findings", "finding", "impression", "conclusion")
+_OTHER = ("final report", "examination", "exam", "type of examination", "indication", "clinical indication",
+          "clinical history", "patient history", "clinical information", "history", "reason for examination",
+          "reason for exam", "technique", "comparison", "comparison exam", "comparison film", "reference exam",
+          "procedure", "notification", "recommendation", "wet read", "wetread", "addendum", "study", "comment",
+          "date")
+_NAMED = "|".join(re.escape(h).replace(r"\ ", r"\s+").replace("/", r"\s*/\s*")
+                  for h in sorted(_WANTED + _OTHER, key=len, reverse=True))
+_HEADER = re.compile(rf"(?<![A-Za-z])({_NAMED})(\(s\)|s)?\s*:", re.IGNORECASE)
 _FINAL_REPORT = re.compile(r"(?im)^[ \t]*final report[ \t]*$")
 # MIMIC-CXR writes ___ for every removed name, date or time; IU X-ray writes XXXX
 _PLACEHOLDER = re.compile(r"_{2,}|(?<![A-Za-z])X{2,}(?![A-Za-z])")
-_ABBREVIATIONS = {"dr", "mr", "mrs", "ms", "vs", "e.g", "i.e", "approx", "st", "no", "fig"}
-_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"(_])")
+_ABBREVIATIONS = {"dr", "mr", "mrs", "ms", "vs", "e.g", "i.e", "approx", "st", "no", "fig", "a.m", "p.m"}
+# A sentence ends at . ! ? and a space. What follows may start in lower case: IU X-ray reports hold sentences
+# such as "No pneumothoraces. cardiomegaly. Degenerative changes." (abbreviations are checked apart).
+_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Za-z0-9\"'(\[_])")
 
 
 @dataclass
@@ -56,7 +62,7 @@ def sections(text: str) -> str:
     last, name = 0, None
     for match in _HEADER.finditer(text):
         parts.append((name, text[last:match.start()]))
-        name = " ".join(match.group(1).lower().split())
+        name = re.sub(r"\s*/\s*", "/", " ".join(match.group(1).lower().split()))  # IMPRESSION(S) -> impression
         last = match.end()
     parts.append((name, text[last:]))
     wanted = [body for header, body in parts if header in _WANTED]
@@ -117,7 +123,8 @@ def build_from_reports(reports_path: str | Path, out: str | Path, *, text_column
                        max_sentences: int = 5, per_report: int = 1, num_images: int = 1, seed: int = 0,
                        tokenizer: str | None = None) -> FromReportsResult:
     """Write a manifest with up to `per_report` prompts per report; the table's other columns ride along."""
-    reports_path, out = Path(reports_path), Path(out)
+    refuse_url(tokenizer, "--tokenizer")
+    reports_path, out = local_path(reports_path, "REPORTS"), local_path(out, "--out")
     check_output(out, reports_path)
     for flag, value, low in (("--max-sentences", max_sentences, 1), ("--per-report", per_report, 1),
                              ("--num-images", num_images, 1), ("--seed", seed, 0)):

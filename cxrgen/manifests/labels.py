@@ -28,6 +28,10 @@ class FindingCounts:
     uncertain: int
     blank: int
 
+    def real_positives(self, uncertain: str = "ignore") -> int:
+        """Real positives under the --uncertain policy: with "positive" (U-Ones) the -1 cells count too."""
+        return self.positive + (self.uncertain if uncertain == "positive" else 0)
+
 
 @dataclass
 class LabelTable:
@@ -39,6 +43,7 @@ class LabelTable:
     ignored: list[str]  # columns that are not findings (paths, ids, demographics)
     # Per row, the indices (into findings) of its positive findings; None for a table of counts
     positive_sets: list[tuple[int, ...]] | None = field(default=None, repr=False)
+    uncertain: str = "ignore"  # the --uncertain policy the positives (goals, ranking, co-occurrence) follow
 
 
 def match_columns(columns: list[str], known: list[str], chosen: list[str] | None, source: str) -> dict[str, str]:
@@ -94,7 +99,7 @@ def read_labels(table: Table, known: list[str], chosen: list[str] | None = None,
     positives = np.stack(matrix, axis=1)
     sets = [tuple(int(i) for i in np.flatnonzero(row)) for row in positives]
     ignored = [c for c in columns if c not in mapping]
-    return LabelTable(table.name, len(table.text), counts, ignored, sets)
+    return LabelTable(table.name, len(table.text), counts, ignored, sets, uncertain)
 
 
 def _parse_column(table: Table, column: str) -> np.ndarray:
@@ -112,8 +117,11 @@ def _parse_column(table: Table, column: str) -> np.ndarray:
     return np.array([codes[v] for v in cells], dtype=np.int8)
 
 
-def read_counts(table: Table, known: list[str], chosen: list[str] | None = None) -> LabelTable:
+def read_counts(table: Table, known: list[str], chosen: list[str] | None = None,
+                uncertain: str = "ignore") -> LabelTable:
     """A table of counts: one row per finding, columns finding and positive (negative, uncertain, blank optional)."""
+    if uncertain not in UNCERTAIN_POLICIES:
+        raise InputError(f"--uncertain {uncertain!r}: use ignore or positive")
     present = {normalize_name(c): c for c in table.text.columns}
     if "finding" not in present or "positive" not in present:
         raise InputError(f"{table.name}: a table of counts (--counts) needs the columns finding and positive "
@@ -143,7 +151,7 @@ def read_counts(table: Table, known: list[str], chosen: list[str] | None = None)
     ignored = [c for c in table.text.columns if normalize_name(c) not in
                ("finding", "positive", "negative", "uncertain", "blank")]
     return LabelTable(table.name, sum(f.positive + f.negative + f.uncertain + f.blank for f in findings), findings,
-                      ignored, None)
+                      ignored, None, uncertain)
 
 
 def _count(name: str, number: int, column: str | None, record: dict) -> int:
@@ -171,8 +179,12 @@ class Goal:
 
 
 def goal(counts: list[FindingCounts], *, target: int | None = None, ratio: float | None = None,
-         total: int | None = None, max_per_finding: int | None = None, normal: str | None = None) -> Goal:
-    """Turn exactly one of --target/--ratio/--total (and the cap) into what the draw aims at."""
+         total: int | None = None, max_per_finding: int | None = None, normal: str | None = None,
+         uncertain: str = "ignore") -> Goal:
+    """Turn exactly one of --target/--ratio/--total (and the cap) into what the draw aims at.
+
+    Real positives follow the --uncertain policy: under "positive" a -1 counts towards the target and the ratio.
+    """
     given = [name for name, value in (("--target", target), ("--ratio", ratio), ("--total", total))
              if value is not None]
     if len(given) > 1:
@@ -187,10 +199,11 @@ def goal(counts: list[FindingCounts], *, target: int | None = None, ratio: float
     for c in counts:
         if c.finding == normal:  # normal images come from --normals only
             continue
+        real = c.real_positives(uncertain)
         if target is not None:
-            wanted = max(0, target - c.positive)
+            wanted = max(0, target - real)
         elif ratio is not None:
-            wanted = math.floor(ratio * c.positive + 0.5)  # half up: the same on every platform
+            wanted = math.floor(ratio * real + 0.5)  # half up: the same on every platform
         else:
             wanted = 0
         need[c.finding] = wanted if cap is None else min(wanted, cap)

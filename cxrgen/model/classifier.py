@@ -84,7 +84,17 @@ def allowed_classes() -> list[type]:
             xrv_models.DenseNet, xrv_models._DenseLayer, xrv_models._DenseBlock, xrv_models._Transition]
 
 
-_FOREIGN = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
+# torch names a refused global in several wordings ("Unsupported global: GLOBAL x.Y was not an allowed global by
+# default", "Trying to load unsupported GLOBAL posix.system whose module posix is blocked")
+_FOREIGN = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _unpickling_reason(exc: BaseException) -> str:
+    """The line of torch's weights-only error that says what was wrong, without its advice to retry unsafely."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation"))
+              and "weights_only" not in line]
+    return (useful[0] if useful else type(exc).__name__)[:200]
 
 
 def _read_weights(path: Path, unsafe_pickle: bool):
@@ -101,12 +111,12 @@ def _read_weights(path: Path, unsafe_pickle: bool):
     except pickle.UnpicklingError as exc:
         match = _FOREIGN.search(str(exc))
         if match:
-            raise InputError(f"{path} needs class {match.group(1)}, which is not on cxrgen's allow-list of "
+            raise InputError(f"{path} refers to {match.group(1)}, which is not on cxrgen's allow-list of "
                              "torch/torchvision/torchxrayvision classes, so it was not loaded; if you trust the file, "
                              "--evaluator-unsafe-pickle loads it as torchxrayvision itself does (this runs code from "
                              "the file)") from None
-        raise InputError(f"{path} is not a torchxrayvision model file ({first_line(exc, with_type=True, limit=160)}); give the {RELEASE} "
-                         "release file") from None
+        raise InputError(f"{path} is not a torchxrayvision model file ({_unpickling_reason(exc)}); give the "
+                         f"{RELEASE} release file") from None
     except Exception as exc:  # noqa: BLE001 - truncated zip, text file, wrong magic number
         raise InputError(f"{path} is not a torchxrayvision model file ({first_line(exc, with_type=True, limit=160)}); give the {RELEASE} "
                          "release file") from None
@@ -144,11 +154,17 @@ def load_evaluator(weights: Path, device: str = "cpu", unsafe_pickle: bool = Fal
     xrv = _xrv()
     info = release_info()
     loaded = _read_weights(weights, unsafe_pickle)
-    if isinstance(loaded, torch.nn.Module):
-        state = loaded.state_dict()
-    elif isinstance(loaded, Mapping) and all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        state = dict(loaded)  # a bare state dict of the same network is accepted too
-    else:
+    # Everything the file holds is untrusted here too: a module that contains itself (state_dict() recurses
+    # without end) or whose state_dict is not a method must end in the one-line refusal, not a traceback.
+    try:
+        # a bare state dict of the same network is accepted too
+        state = loaded.state_dict() if isinstance(loaded, torch.nn.Module) else loaded
+        tensors = isinstance(state, Mapping) and all(isinstance(v, torch.Tensor) for v in state.values())
+        state = dict(state) if tensors else None
+    except Exception as exc:  # noqa: BLE001 - RecursionError, TypeError, ...: not a usable model
+        raise InputError(f"{weights} holds a {type(loaded).__name__} whose weights cannot be read "
+                         f"({first_line(exc, with_type=True, limit=160)}); give the {RELEASE} release file") from None
+    if state is None:
         raise InputError(f"{weights} holds a {type(loaded).__name__}, not a torchxrayvision model; give the {RELEASE} "
                          "release file")
     # torchxrayvision itself sets the calibration from its table after loading; a saved copy is ignored.
@@ -165,7 +181,11 @@ def load_evaluator(weights: Path, device: str = "cpu", unsafe_pickle: bool = Fal
     extra = sorted(set(state) - set(expected))
     if extra:
         raise InputError(f"{weights} is not a torchxrayvision {RELEASE} model: unexpected entry {extra[0]}")
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as exc:  # e.g. a tensor of a dtype that cannot be copied into the network
+        raise InputError(f"{weights} is not a torchxrayvision {RELEASE} model: "
+                         f"{first_line(exc, with_type=True, limit=160)}") from None
     torch_device = torch.device(device)
     model = model.eval().requires_grad_(False).to(torch_device)
     if torch_device.type == "cpu":

@@ -22,8 +22,8 @@ from cxrgen.model.devices import (  # noqa: F401 - resolve_device/default_batch_
     is_out_of_memory,
     release_memory,
     resolve_device,
-    use_device,
     usable_bytes,
+    use_device,
 )
 from cxrgen.model.precision import (  # noqa: F401 - resolve_dtype/dtype_supported: the engine's public names
     DTYPES,
@@ -32,9 +32,16 @@ from cxrgen.model.precision import (  # noqa: F401 - resolve_dtype/dtype_support
     resolve_dtype,
     set_precision,
 )
-from cxrgen.model.sampling import NonFinite, decode_to_uint8, initial_latents, nonfinite_rows, sample_cfg
+from cxrgen.model.sampling import (
+    NonFinite,
+    decode_to_uint8,
+    initial_latents,
+    nonfinite_rows,
+    sample_cfg,
+)
 from cxrgen.model.schedulers import make_scheduler
 from cxrgen.model.text_encoder import TextEncoder
+
 
 def check_widths(bundle: LoadedBundle, text: TextEncoder) -> None:
     """The text encoder's width must equal the UNet's cross_attention_dim."""

@@ -28,6 +28,7 @@ from cxrgen.files import (
     fsync_dir,
     inside,
     io_error,
+    refuse_url,
     resume_command,
 )
 from cxrgen.runs.card import write_card
@@ -54,6 +55,10 @@ class ExportOptions:
     format: str = "webdataset"  # "webdataset" or "imagefolder"
     shard_size: int = DEFAULT_SHARD_SIZE  # webdataset: bytes per shard at most (a bigger single sample gets its own)
     accepted_only: bool = False  # only images `cxrgen evaluate` accepted
+
+    def __post_init__(self) -> None:
+        refuse_url(self.out, "OUT")
+        refuse_url(self.to, "--to")
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,8 @@ def export_run(options: ExportOptions) -> ExportResult:
         inside(out, name)  # never pack, nor link to, a file outside the run
     if options.accepted_only:
         table = table.filter(pc.is_in(table.column("image_id"), value_set=_accepted_ids(out, table)))
+    if options.format == "webdataset":
+        _check_keys(table.column("image_id").to_pylist())  # before anything is written, not half-way
     # 2. build in a hidden sibling folder, then rename it into place
     staging = to.parent / f".{to.name}{TMP_MARK}{secrets.token_hex(4)}"
     try:
@@ -150,14 +157,36 @@ def sample_key(image_id: str) -> str:
     return f"{_KEY_UNSAFE.sub('_', image_id)[:_KEY_MAX - 9]}-{hashlib.sha256(image_id.encode('utf-8')).hexdigest()[:8]}"
 
 
+def _check_keys(image_ids: list[str]) -> None:
+    """Refuse two images whose keys differ at most in letter case: a shard unpacked on a case-insensitive file
+    system (macOS, Windows) would merge them into one sample."""
+    keys: dict[str, str] = {}
+    for image_id in image_ids:
+        key = sample_key(image_id)
+        if keys.setdefault(key.lower(), image_id) != image_id:
+            raise InputError(f"images {keys[key.lower()]!r} and {image_id!r} give the same WebDataset key "
+                             f"{key!r} (letter case aside); rename one row id")
+
+
 def _rows(table: pa.Table):
     for batch in table.to_batches(max_chunksize=4096):
         yield from batch.to_pylist()
 
 
 def _json_row(row: dict) -> bytes:
-    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-    return json.dumps(clean, ensure_ascii=False, default=str).encode("utf-8")
+    """The sample's metadata row as strict JSON (RFC 8259 has no NaN or Infinity; `allow_nan=False` checks it)."""
+    return json.dumps(_strict(row), ensure_ascii=False, default=str, allow_nan=False).encode("utf-8")
+
+
+def _strict(value):
+    """NaN becomes null; +-inf, a valid float label, becomes the text "inf" / "-inf" (float() reads it back)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
 
 
 def _finished_size(members: int) -> int:
@@ -172,14 +201,10 @@ def _tar_size(*sizes: int) -> int:
 def _write_shards(out: Path, table: pa.Table, folder: Path, shard_size: int) -> list[str]:
     """train-000000.tar, ... in plan order; each sample is <key>.<jpg|png> + <key>.json."""
     names: list[str] = []
-    keys: dict[str, str] = {}
     tar, handle, used = None, None, 0
     try:
         for row in _rows(table):
             key = sample_key(row["image_id"])
-            if keys.setdefault(key.lower(), row["image_id"]) != row["image_id"]:
-                raise InputError(f"images {keys[key.lower()]!r} and {row['image_id']!r} give the same WebDataset "
-                                 f"key {key!r}; rename one row id")
             image = (out / row["file_name"]).read_bytes()
             meta = _json_row(row)
             size = _tar_size(len(image), len(meta))

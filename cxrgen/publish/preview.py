@@ -23,7 +23,14 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin, features
 
 from cxrgen.errors import InputError, RunError
-from cxrgen.files import atomic_write, inside, io_error, resume_command, write_json
+from cxrgen.files import (
+    atomic_write,
+    inside,
+    io_error,
+    local_path,
+    resume_command,
+    write_json,
+)
 from cxrgen.runs.journal import EVAL_DIR, METADATA_SCHEMA
 
 PREVIEW_DIR = "preview"
@@ -64,7 +71,7 @@ class PreviewResult:
 def build_preview(out: Path | str, *, thumb_size: int = 128, per_sheet: int = 100, columns: int = 10,
                   workers: int = 0) -> PreviewResult:
     """Write OUT/preview/: thumbnails, one contact sheet per prompt (split past per_sheet) and index.html."""
-    out = Path(out)
+    out = local_path(out, "OUT")
     _check_options(thumb_size, per_sheet, columns)
     # 1. the run's table (finished runs only) and, when `cxrgen evaluate` has run, its verdicts
     table = _read_metadata(out)

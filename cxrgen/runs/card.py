@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cxrgen.files import atomic_write
+from cxrgen.markdown import md_code, md_text
 from cxrgen.runs.journal import METADATA_SCHEMA
 
 CARD = "README.md"
@@ -23,7 +24,7 @@ _MONAI_CITATION = ('M. Jorge Cardoso et al. "MONAI: An open-source framework for
 
 
 def write_run_card(out: Path) -> Path:
-    """Write OUT/README.md from OUT/metadata.parquet and OUT/run.json."""
+    """Write OUT/README.md from OUT/metadata.parquet and OUT/run.json (a run merged before the card existed)."""
     out = Path(out)
     run = json.loads((out / "run.json").read_text(encoding="utf-8"))
     return write_card(out, pq.read_table(out / "metadata.parquet"), run)
@@ -37,7 +38,11 @@ def write_card(folder: Path, table: pa.Table, run: dict, note: str = "") -> Path
 
 
 def card_text(table: pa.Table, run: dict, note: str = "") -> str:
-    """The card's Markdown: front matter, counts, labels, settings, model and terms, loading, citation."""
+    """The card's Markdown: front matter, counts, labels, settings, model and terms, loading, citation.
+
+    Every string that comes from the manifest, the run or the bundle is escaped (cxrgen.markdown): the Hub
+    renders the card, HTML included.
+    """
     image_format = run["config"]["image_format"]
     bundle = _bundle_facts(run)
     parts = [front_matter(image_format), _intro(table, run, note), _labels(table), _settings(table, run),
@@ -68,14 +73,16 @@ def _intro(table: pa.Table, run: dict, note: str) -> str:
              "patient. For research only; not for clinical use, diagnosis or treatment decisions. Each file "
              "carries this marker itself (see *Provenance*).", ""]
     if note:
-        lines += [note, ""]
+        lines += [note, ""]  # the caller's own Markdown, its data already escaped
     lines += ["## Contents", "",
               f"- images: {rows} ({run['config']['image_format'].upper()}, "
               f"{resolved.get('height', '?')} x {resolved.get('width', '?')} pixels, 8-bit grayscale), "
               "under `images/`",
               f"- distinct prompts: {prompts}, from {manifest_rows} manifest row(s)",
-              f"- `metadata.parquet`: one row per image in plan order; columns {', '.join(table.column_names)}",
-              f"- made by cxrgen {run.get('cxrgen_version', '?')}, run started {run.get('created_at', '?')}",
+              f"- `metadata.parquet`: one row per image in plan order; columns "
+              f"{', '.join(md_code(c) for c in table.column_names)}",
+              f"- made by cxrgen {md_text(run.get('cxrgen_version', '?'))}, run started "
+              f"{md_text(run.get('created_at', '?'))}",
               "- `cxrgen evaluate` adds `quality/` (scores, accept flags, report); `cxrgen preview` adds "
               "`preview/`. Neither is part of the `train` split.", ""]
     return "\n".join(lines)
@@ -86,18 +93,38 @@ def _labels(table: pa.Table) -> str:
     lines = ["## Labels", ""]
     if not columns:
         return "\n".join(lines + ["The manifest had no label columns.", ""])
-    lines += [f"Label columns (from the manifest, one value per image): {', '.join(f'`{c}`' for c in columns)}.", ""]
+    lines += [f"Label columns (from the manifest, one value per image): {', '.join(md_code(c) for c in columns)}.", ""]
     for name in columns:
-        counts = table.column(name).value_counts().to_pylist()
-        counts.sort(key=lambda c: (-c["counts"], str(c["values"])))
-        shown = ", ".join(f"{_value(c['values'])}: {c['counts']}" for c in counts[:_TOP_VALUES])
-        rest = sum(c["counts"] for c in counts[_TOP_VALUES:])
-        lines.append(f"- `{name}`: {shown}" + (f", other ({len(counts) - _TOP_VALUES} values): {rest}" if rest else ""))
+        counts = value_counts(table.column(name))
+        shown = ", ".join(f"{md_text(_value(value))}: {count}" for value, count in counts[:_TOP_VALUES])
+        rest = sum(count for _, count in counts[_TOP_VALUES:])
+        lines.append(f"- {md_code(name)}: {shown}" + (f", other ({len(counts) - _TOP_VALUES} values): {rest}"
+                                                      if rest else ""))
     return "\n".join(lines + [""])
+
+
+def value_counts(column: pa.ChunkedArray) -> list[tuple[object, int]]:
+    """(value, images) of a label column, most frequent first; nested values (lists, structs) counted as JSON."""
+    if _nested(column.type):
+        # Arrow counts only flat values; a list label such as tags: list<string> is counted by its JSON text
+        tally: dict[str, int] = {}
+        for value in column.to_pylist():
+            key = "null" if value is None else json.dumps(value, ensure_ascii=False, default=str)
+            tally[key] = tally.get(key, 0) + 1
+        counts = [(None if key == "null" else key, n) for key, n in tally.items()]
+    else:
+        counts = [(c["values"], c["counts"]) for c in column.value_counts().to_pylist()]
+    return sorted(counts, key=lambda c: (-c[1], str(c[0])))
 
 
 def _value(value) -> str:
     return "blank" if value is None or value == "" else str(value)
+
+
+def _nested(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):
+        return _nested(kind.value_type)
+    return pa.types.is_nested(kind) or pa.types.is_union(kind)
 
 
 def _settings(table: pa.Table, run: dict) -> str:
@@ -118,8 +145,7 @@ def _settings(table: pa.Table, run: dict) -> str:
 
 
 def _cell(value) -> str:
-    text = "(empty)" if value == "" else str(value)
-    return text.replace("|", "\\|").replace("\n", " ")
+    return "(empty)" if value == "" else md_text(value)
 
 
 def _bundle_facts(run: dict) -> dict:
@@ -143,15 +169,15 @@ def _bundle_facts(run: dict) -> dict:
 def _model(table: pa.Table, bundle: dict) -> str:
     first = table.slice(0, 1).to_pylist()[0] if table.num_rows else {}
     lines = ["## Model, licence and terms", "",
-             f"- model: {first.get('model_name', '?')} version {first.get('model_version', '?')} (MONAI bundle folder "
-             f"`{bundle.get('_folder', '?')}`; cxrgen's default is the model-zoo bundle "
+             f"- model: {md_text(first.get('model_name', '?'))} version {md_text(first.get('model_version', '?'))} "
+             f"(MONAI bundle folder {md_code(bundle.get('_folder', '?'))}; cxrgen's default is the model-zoo bundle "
              "`cxr_image_synthesis_latent_diffusion_model`, a latent diffusion model)",
-             f"- checkpoints: autoencoder md5 {first.get('autoencoder_md5')}, diffusion model md5 "
-             f"{first.get('diffusion_model_md5')}"]
+             f"- checkpoints: autoencoder md5 {md_text(first.get('autoencoder_md5'))}, diffusion model md5 "
+             f"{md_text(first.get('diffusion_model_md5'))}"]
     for key, label in (("description", "description"), ("authors", "authors"), ("copyright", "copyright"),
                        ("data_source", "training data"), ("intended_use", "intended use (the bundle's words)")):
         if bundle.get(key):
-            lines.append(f"- {label}: {bundle[key]}")
+            lines.append(f"- {label}: {md_text(bundle[key])}")
     lines += ["", "**Terms.** The model was trained on MIMIC-CXR, which PhysioNet distributes as credentialed data "
               "under its data use agreement; that agreement applies to this dataset as well: read it and follow it "
               "before you use or share these images. Research use only; not for clinical use. The model bundle's "
@@ -196,8 +222,10 @@ def _citation(bundle: dict) -> str:
              "The model: cite the MONAI bundle `cxr_image_synthesis_latent_diffusion_model` and the works it names."]
     references = bundle.get("references")
     if isinstance(references, list) and references:
-        lines += [""] + [f"- {r}" for r in references]
+        lines += [""] + [f"- {md_text(r)}" for r in references]
     if bundle.get("_references"):
-        lines += ["", "The bundle's references (from its docs/README.md):", "", bundle["_references"]]
+        # quoted as plain text, line by line: the bundle's Markdown is not the card's to render (nor its HTML)
+        quoted = [f"> {md_text(line)}" if line.strip() else ">" for line in bundle["_references"].splitlines()]
+        lines += ["", "The bundle's references (from its docs/README.md):", "", *quoted]
     lines += ["", f"MONAI: {_MONAI_CITATION}", ""]
     return "\n".join(lines)

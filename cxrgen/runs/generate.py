@@ -25,7 +25,7 @@ from cxrgen.config import (
     with_absolute_paths,
 )
 from cxrgen.errors import CxrgenError, InputError
-from cxrgen.files import STATE_DIR, TMP_MARK, resume_command, write_json
+from cxrgen.files import STATE_DIR, TMP_MARK, local_path, resume_command, write_json
 from cxrgen.manifests.reader import Manifest
 from cxrgen.manifests.workitems import load_plan
 from cxrgen.model.bundle import BundleSource, load_bundle, read_spec, resolve_model
@@ -42,7 +42,7 @@ from cxrgen.runs.lock import (
     unlocked_warning,
 )
 from cxrgen.runs.loop import BatchLoop, SignalGuard, batches_of, sized_batches
-from cxrgen.runs.state import done_items, finalize_once, read_run_json
+from cxrgen.runs.state import done_items, finalize_once, metadata_rows, read_run_json
 from cxrgen.runs.workers import (
     CHUNK,
     Rank,
@@ -132,6 +132,7 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
     if saved is not None:
         _refuse_changed(out, saved, _pixel_settings(config, manifest, plan, dtype, saved["settings"]["checkpoint_md5"],
                                                     saved["settings"].get("text_encoder_fingerprint")))
+        _check_split(saved, rank)
     with contextlib.ExitStack() as held:
         rank_lock = None
         if rank is not None:  # claimed before loading, so a duplicate rank is refused at once and others see it
@@ -156,13 +157,18 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
                 folder_lock.clear_holder()
             recorded = read_run_json(out)
             if recorded is None:
-                write_json(out / "run.json", _run_json(config, manifest, settings, bundle, devices))
+                write_json(out / "run.json", _run_json(config, manifest, settings, bundle, devices, rank))
             else:
                 _refuse_changed(out, recorded, settings)
+                _check_split(recorded, rank)
+                if rank is not None and rank.shard is not None and recorded.get("shards") is None:
+                    write_json(out / "run.json", {**recorded, "shards": rank.split})  # a run started unsharded
         # a rank checks only its own share: 64 ranks must not each read the whole dataset
         mine = rank_share(plan, rank) if rank else plan
         done = done_items(out, mine, verify=config.verify)
         todo = [i for i in mine if i.image_id not in done]
+        # remaking lost or damaged images of a merged run: the merged rows describe their older records
+        remakes = bool(todo) and metadata_rows(out) == len(plan)
         if (done or (saved is not None and rank is None)) and not config.quiet:
             log(f"{_prefix(rank)}resuming the run in {out}: {len(done)} of {len(mine)} image(s)"
                 f"{' of this share' if rank else ''} already done")
@@ -190,7 +196,7 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
         # 5. the metadata table, once every planned image exists (written by exactly one process); a rank
         # whose share is done waits for the others, so a launch ends together and its exit codes mean
         # "complete" (0) or "ranks died, work is left" (3), and torchrun never stops a rank still working
-        metadata = finalize_once(out, plan, manifest)
+        metadata = finalize_once(out, plan, manifest, refresh=remakes)
         if metadata is None and rank_lock is not None:
             rank_lock.mark_share_done()
             metadata = wait_for_other_ranks(out, plan, manifest, rank, started + config.rank_wait,
@@ -295,6 +301,16 @@ def _refuse_changed(out: Path, saved: dict, settings: dict) -> None:
                     f"--dtype {saved['settings']['dtype']} on a device that supports it")
         raise InputError(f"{out} holds a run with other settings ({'; '.join(changed)}){hint}; "
                          "choose a new --out, or restore the settings to resume it")
+
+
+def _check_split(saved: dict, rank: Rank | None) -> None:
+    """Refuse a shard of another count than the run's first task recorded: the plan is split one way only."""
+    recorded = saved.get("shards")
+    if rank is None or rank.shard is None or recorded is None or int(recorded["count"]) == rank.shard[1]:
+        return
+    raise InputError(f"shard {rank.shard[0]} of {rank.shard[1]}: the run in this folder was split into "
+                     f"{recorded['count']} shards by its first task; pass --shard I/{recorded['count']} "
+                     f"(I from 0 to {int(recorded['count']) - 1}) so the split stays the same")
 
 
 def _worker_name(rank: Rank | None, index: int) -> str:
@@ -414,7 +430,8 @@ def worker_main(config: RunConfig, bundle_root: str, device: str, dtype: str, na
         raise
 
 
-def _run_json(config: RunConfig, manifest: Manifest, settings: dict, bundle, devices: list[str]) -> dict:
+def _run_json(config: RunConfig, manifest: Manifest, settings: dict, bundle, devices: list[str],
+              rank: Rank | None = None) -> dict:
     return {
         "cxrgen_version": __version__,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -427,6 +444,8 @@ def _run_json(config: RunConfig, manifest: Manifest, settings: dict, bundle, dev
         },
         "manifest": {"path": manifest.path, "sha256": manifest.sha256, "rows": len(manifest.rows)},
         "versions": _versions(),
+        # an array job's split (count, and how task numbers map to shards): reruns of a task keep their shard
+        "shards": rank.split if rank is not None and rank.shard is not None else None,
     }
 
 
@@ -445,7 +464,7 @@ def _versions() -> dict:
 def resume(out: str | Path, *, bundle_source: BundleSource | None = None, log: Log = _stderr,
            rank: Rank | None = None, engine_hook: Callable | None = None, **overrides) -> RunResult:
     """Finish the run saved in OUT; overrides may change only settings that do not change pixels."""
-    out = Path(out)
+    out = local_path(out, "OUT")
     saved = read_run_json(out)
     if saved is None:
         raise InputError(f"{out} holds no cxrgen run (no run.json); check the folder, or if a `cxrgen generate` "
@@ -460,7 +479,7 @@ def resume(out: str | Path, *, bundle_source: BundleSource | None = None, log: L
 
 def finalize_run(out: str | Path) -> Path | None:
     """Merge the records of a run whose images are all done (e.g. after a rank died before merging)."""
-    out = Path(out)
+    out = local_path(out, "OUT")
     saved = read_run_json(out)
     if saved is None:
         raise InputError(f"{out} is not a cxrgen run (no run.json)")

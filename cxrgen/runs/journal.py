@@ -88,25 +88,50 @@ def _last_byte(path: Path) -> bytes:
 
 
 def read_records(out: Path, fields: tuple[str, ...] | None = None) -> dict[str, dict]:
-    """Every recorded image by image_id (first record wins); a torn last line from a kill is skipped.
+    """Every recorded image by image_id, its latest record (see `latest_positions`); a torn last line is skipped.
 
     fields: keep only these keys (image_id is always read). Then the journal is parsed by Arrow's
     multi-threaded JSON reader: a million records in seconds instead of a minute.
     """
     keep = tuple(dict.fromkeys(("image_id", *fields))) if fields else None
-    fast = keep is not None and all(name in _FIELD_TYPES for name in keep)
-    schema = pa.schema([(name, _FIELD_TYPES[name]) for name in keep]) if fast else None
-    records: dict[str, dict] = {}
-    for part in _journal_parts(out):
+    # created_at orders records of different writers (part files); read it even when not asked for
+    read = tuple(dict.fromkeys((*keep, "created_at"))) if keep else None
+    fast = read is not None and all(name in _FIELD_TYPES for name in read)
+    schema = pa.schema([(name, _FIELD_TYPES[name]) for name in read]) if fast else None
+    found: list[dict] = []
+    parts: list[int] = []
+    for number, part in enumerate(_journal_parts(out)):
         table = _arrow_part(part, schema) if fast else None
         if table is not None:
-            columns = [table.column(name).to_pylist() for name in keep]
-            rows = (dict(zip(keep, values)) for values in zip(*columns))
+            columns = [table.column(name).to_pylist() for name in read]
+            rows = (dict(zip(read, values)) for values in zip(*columns))
         else:
-            rows = (r if keep is None else {k: r.get(k) for k in keep} for r in _read_part(part))
+            rows = (r if read is None else {k: r.get(k) for k in read} for r in _read_part(part))
         for record in rows:
-            records.setdefault(record.get("image_id"), record)
-    return records
+            found.append(record)
+            parts.append(number)
+    latest = latest_positions([r.get("image_id") for r in found], [r.get("created_at") for r in found], parts)
+    drop = keep is not None and "created_at" not in keep
+    return {image_id: {k: v for k, v in found[at].items() if k != "created_at"} if drop else found[at]
+            for image_id, at in latest.items()}
+
+
+def latest_positions(image_ids: list, stamps: list, parts: list[int]) -> dict:
+    """image_id -> position of its latest record among records listed part file by part file, in line order.
+
+    The latest record of an image describes its file: a resume that remakes a lost or damaged image appends a
+    new record (new size and CRC-32, possibly other bytes through float rounding), so verify, resume and the
+    merge all read the last one. Within one writer's journal that is the later line; between journals of
+    different writers (workers, ranks, shards, a later resume) the later `created_at` (ISO 8601 UTC, so the
+    text sorts in time order), a tie going to the later part file.
+    """
+    best: dict = {}
+    for position, (image_id, stamp, part) in enumerate(zip(image_ids, stamps, parts)):
+        stamp = stamp or ""
+        held = best.get(image_id)
+        if held is None or held[2] == part or stamp >= held[1]:
+            best[image_id] = (position, stamp, part)
+    return {image_id: held[0] for image_id, held in best.items()}
 
 
 def _journal_parts(out: Path) -> list[Path]:
@@ -126,7 +151,7 @@ def _read_part(part: Path):
 
 
 _FIELD_TYPES = {"image_id": pa.string(), "file_name": pa.string(), "file_bytes": pa.int64(),
-                "file_crc32": pa.int64()}
+                "file_crc32": pa.int64(), "created_at": pa.string()}
 
 
 def _arrow_part(part: Path, schema: pa.Schema) -> pa.Table | None:
@@ -145,30 +170,34 @@ def _arrow_part(part: Path, schema: pa.Schema) -> pa.Table | None:
 
 
 def read_record_table(out: Path, image_ids: list[str]) -> pa.Table:
-    """The metadata columns of the records of `image_ids`, in that order (first record of an image wins).
+    """The metadata columns of the latest record of each of `image_ids`, in that order (`latest_positions`).
 
     Arrow reads the journals (a million records in seconds and a fraction of the memory of Python
     dicts); a journal with a damaged line is read line by line instead. Every id must be recorded.
     """
-    tables = []
-    for part in _journal_parts(out):
+    tables, parts = [], []
+    for number, part in enumerate(_journal_parts(out)):
         table = _arrow_part(part, METADATA_SCHEMA)
         tables.append(table if table is not None else
                       pa.Table.from_pylist(list(_read_part(part)), schema=METADATA_SCHEMA))
+        parts += [number] * tables[-1].num_rows
     table = pa.concat_tables([t.select(METADATA_SCHEMA.names).cast(METADATA_SCHEMA) for t in tables]) \
         if tables else METADATA_SCHEMA.empty_table()
-    first: dict[str, int] = {}
-    for position, image_id in enumerate(table.column("image_id").to_pylist()):
-        first.setdefault(image_id, position)
-    return table.take(pa.array([first[i] for i in image_ids], type=pa.int64()))
+    latest = latest_positions(table.column("image_id").to_pylist(), table.column("created_at").to_pylist(), parts)
+    return table.take(pa.array([latest[i] for i in image_ids], type=pa.int64()))
 
 
-def write_metadata(out: Path, records: list[dict] | pa.Table, labels: pa.Table, rows: list[int]) -> Path:
-    """metadata.parquet: one row per image in plan order, the manifest's label columns appended."""
+def metadata_table(records: list[dict] | pa.Table, labels: pa.Table, rows: list[int]) -> pa.Table:
+    """metadata.parquet's table: one row per image in plan order, the manifest's label columns appended."""
     table = records if isinstance(records, pa.Table) else pa.Table.from_pylist(records, schema=METADATA_SCHEMA)
     picked = labels.take(pa.array([r - 1 for r in rows], type=pa.int64())) if labels.num_columns else None
     for index, column_name in enumerate(label_column_names(labels.column_names) if picked is not None else []):
         table = table.append_column(column_name, picked.column(index))
+    return table
+
+
+def write_metadata(out: Path, table: pa.Table) -> Path:
+    """Write OUT/metadata.parquet atomically (a table from `metadata_table`)."""
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer)
     path = out / "metadata.parquet"

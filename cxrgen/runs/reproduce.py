@@ -11,7 +11,14 @@ from PIL import Image
 
 from cxrgen.config import RunConfig
 from cxrgen.errors import InputError
-from cxrgen.files import STATE_DIR, atomic_write, resume_command
+from cxrgen.files import (
+    STATE_DIR,
+    atomic_write,
+    inside,
+    local_path,
+    refuse_url,
+    resume_command,
+)
 from cxrgen.manifests.workitems import WorkItem
 from cxrgen.model.bundle import BundleSource, resolve_model
 from cxrgen.provenance import encode_image, provenance_of, read_provenance
@@ -48,13 +55,15 @@ def reproduce_image(out: str | Path, image_id: str, *, bundle_source: BundleSour
     """
     from cxrgen.runs.generate import load_models, make_engine
 
-    out = Path(out)
+    for what, value in (("--model", model), ("--text-encoder", text_encoder), ("--out", output)):
+        refuse_url(value, what)
+    out = local_path(out, "OUT")
     saved = read_run_json(out)
     if saved is None:
         raise InputError(f"{out} is not a cxrgen run (no run.json); give the output folder of a run")
     config = RunConfig.from_dict(saved["config"])
     record = _find_record(out, image_id)
-    stored = out / record["file_name"]
+    stored = inside(out, record["file_name"])
     if not image_ok(stored):
         raise InputError(f"{stored} is missing or damaged, so there is nothing to compare; "
                          f"`{resume_command(out)}` remakes it")

@@ -14,11 +14,16 @@ import pyarrow as pa
 from PIL import Image
 
 from cxrgen.errors import InputError
-from cxrgen.files import STATE_DIR, TMP_MARK
+from cxrgen.files import STATE_DIR, TMP_MARK, local_path
 from cxrgen.manifests.reader import Manifest
 from cxrgen.manifests.workitems import WorkItem
-from cxrgen.runs.card import CARD, write_run_card
-from cxrgen.runs.journal import read_record_table, read_records, write_metadata
+from cxrgen.runs.card import CARD, write_card, write_run_card
+from cxrgen.runs.journal import (
+    metadata_table,
+    read_record_table,
+    read_records,
+    write_metadata,
+)
 from cxrgen.runs.lock import MergeLock
 
 
@@ -34,6 +39,12 @@ def read_run_json(out: Path) -> dict | None:
     if not isinstance(data, dict) or "config" not in data or "settings" not in data:
         raise InputError(f"{path} is not a cxrgen run.json; choose another folder")
     return data
+
+
+def recorded_split(out: Path) -> dict | None:
+    """The array-job split the run in OUT recorded at its first sharded task (run.json "shards"), if any."""
+    saved = read_run_json(Path(out)) if Path(out).is_dir() else None
+    return None if saved is None else saved.get("shards")
 
 
 def image_ok(path: Path) -> bool:
@@ -121,7 +132,11 @@ def _remove_temp_files(out: Path) -> None:
 
 
 def finalize(out: Path, plan: list[WorkItem], manifest: Manifest) -> Path | None:
-    """Write metadata.parquet once every planned image is done; returns its path, or None."""
+    """Write OUT/README.md, then metadata.parquet, once every planned image is done; returns its path, or None.
+
+    The card comes first: a run counts as complete only once metadata.parquet exists, so a failure while
+    the card is written leaves a run that status calls unfinished and a resume merges again.
+    """
     if not _all_in_place(out, plan, read_records(out, CHECK_FIELDS)):
         return None
     _remove_temp_files(out)
@@ -129,20 +144,24 @@ def finalize(out: Path, plan: list[WorkItem], manifest: Manifest) -> Path | None
     # the plan's file names: the same as recorded, stated once by the plan
     table = table.set_column(table.schema.get_field_index("file_name"), "file_name",
                              pa.array([item.file_name for item in plan], pa.string()))
-    path = write_metadata(out, table, manifest.labels, [item.row for item in plan])
-    write_run_card(out)  # the dataset card always describes the metadata.parquet beside it
-    return path
+    table = metadata_table(table, manifest.labels, [item.row for item in plan])
+    write_card(out, table, read_run_json(out))  # the dataset card describes the metadata.parquet beside it
+    return write_metadata(out, table)
 
 
-def finalize_once(out: Path, plan: list[WorkItem], manifest: Manifest) -> Path | None:
-    """finalize() under the merge lock; ranks finishing together write metadata.parquet exactly once."""
+def finalize_once(out: Path, plan: list[WorkItem], manifest: Manifest, refresh: bool = False) -> Path | None:
+    """finalize() under the merge lock; ranks finishing together write metadata.parquet exactly once.
+
+    refresh: this process remade images of a run that was merged before it started (lost or damaged files),
+    so the merged table describes their older records: merge again.
+    """
     with MergeLock(out / STATE_DIR):
-        if _metadata_rows(out) == len(plan):
+        if metadata_rows(out) == len(plan) and not refresh:
             # Already merged; a resume that only redid lost files must still leave no temporary file
             # (checked only when there is one: reading every record again is the costly part at scale).
             if temp_files(out) and _all_in_place(out, plan, read_records(out, CHECK_FIELDS)):
                 _remove_temp_files(out)
-            if not (out / CARD).is_file():  # killed between the two writes, or merged by an older cxrgen
+            if not (out / CARD).is_file():  # merged by an older cxrgen, or the card was removed
                 write_run_card(out)
             return out / "metadata.parquet"
         path = finalize(out, plan, manifest)
@@ -150,7 +169,7 @@ def finalize_once(out: Path, plan: list[WorkItem], manifest: Manifest) -> Path |
             # An audit trail: one line per merge, so "merged exactly once" can be checked.
             with open(out / STATE_DIR / "merges.log", "a", encoding="utf-8") as handle:
                 handle.write(f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} pid {os.getpid()} "
-                             f"merged {len(plan)} records\n")
+                             f"merged {len(plan)} records{' again (images remade)' if refresh else ''}\n")
         return path
 
 
@@ -164,7 +183,9 @@ class RunStatus:
     missing_files: list[str] = field(default_factory=list)  # recorded, but file missing or undecodable
     orphaned_files: list[str] = field(default_factory=list)  # image file with no record
     temp_files: list[str] = field(default_factory=list)
-    finalized: bool = False  # metadata.parquet covers every planned image
+    finalized: bool = False  # metadata.parquet covers every planned image and the dataset card is beside it
+    metadata_rows: int = -1  # rows of metadata.parquet; -1 when it is absent or unreadable
+    card: bool = False  # OUT/README.md exists
 
     @property
     def remaining(self) -> int:
@@ -180,7 +201,7 @@ def inspect_run(out: str | Path, verify: bool = False) -> RunStatus:
 
     verify: re-read, checksum and decode every recorded file instead of one stat each.
     """
-    out = Path(out)
+    out = local_path(out, "OUT")
     saved = read_run_json(out)
     if saved is None:
         raise InputError(f"{out} is not a cxrgen run (no run.json)")
@@ -199,11 +220,13 @@ def inspect_run(out: str | Path, verify: bool = False) -> RunStatus:
         orphaned_files=sorted(on_disk - recorded_files),
         temp_files=[str(p.relative_to(out)) for p in temp_files(out)],
     )
-    status.finalized = _metadata_rows(out) == status.planned and status.remaining == 0
+    status.metadata_rows, status.card = metadata_rows(out), (out / CARD).is_file()
+    status.finalized = status.metadata_rows == status.planned and status.remaining == 0 and status.card
     return status
 
 
-def _metadata_rows(out: Path) -> int:
+def metadata_rows(out: Path) -> int:
+    """Rows of OUT/metadata.parquet; -1 when it is absent or unreadable."""
     path = out / "metadata.parquet"
     if not path.is_file():
         return -1

@@ -32,6 +32,7 @@ class Rank:
     local_rank: int
     shard: tuple[int, int] | None = None  # (index, count) when this process belongs to a shard of an array job
     label: str = ""  # worker and journal name; rank<r> by default
+    split: dict | None = None  # how task numbers map to shards, recorded in run.json by a run's first task
 
     @property
     def name(self) -> str:
@@ -48,7 +49,25 @@ class Rank:
         return self.shard is None or index % self.shard[1] == self.shard[0]
 
 
-def share_of(shard: tuple[int, int] | None, rank: Rank | None) -> Rank | None:
+@dataclass(frozen=True)
+class ShardRequest:
+    """What --shard or an array job's variables say about this task: its task number and the task count.
+
+    Shard index = (task - first) // step, so Slurm arrays numbered from 1, or with a step, map onto 0..N-1.
+    """
+
+    task: int
+    count: int | None  # None: the variables give no count (then the run's recorded count is used)
+    source: str  # "--shard" or the variable holding the task number
+    first: int = 0  # the task number of shard 0
+    step: int = 1
+
+    def split(self, count: int) -> dict:
+        """The record run.json keeps: how this launch's task numbers map to `count` shards."""
+        return {"count": count, "variable": self.source, "first": self.first, "step": self.step}
+
+
+def share_of(shard: tuple[int, int] | None, rank: Rank | None, split: dict | None = None) -> Rank | None:
     """Compose an array-job shard I/N with the ranks of a launch inside it (W ranks): I + N*r of N*W.
 
     index % (N*W) == I + N*r  <=>  index % N == I and (index // N) % W == r, so the shards split the plan
@@ -57,14 +76,15 @@ def share_of(shard: tuple[int, int] | None, rank: Rank | None) -> Rank | None:
     if shard is None:
         return rank
     index, count = shard
+    split = split or {"count": count, "variable": "--shard", "first": 0, "step": 1}
     if rank is None:
-        return Rank(index, count, 0, shard=shard, label=f"shard{index}")
+        return Rank(index, count, 0, shard=shard, label=f"shard{index}", split=split)
     return Rank(index + count * rank.rank, count * rank.world_size, rank.local_rank, shard=shard,
-                label=f"shard{index}-rank{rank.rank}")
+                label=f"shard{index}-rank{rank.rank}", split=split)
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """--shard I/N -> (I, N), 0 <= I < N."""
+def parse_shard(text: str) -> ShardRequest:
+    """--shard I/N, 0 <= I < N."""
     parts = text.split("/")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
         raise InputError(f"--shard {text!r}: write I/N, e.g. --shard 3/64 for the 4th of 64 shards (I from 0)")
@@ -72,15 +92,16 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not 0 <= index < count:
         raise InputError(f"--shard {text!r}: I must be from 0 to N-1 ({count - 1 if count else 0}); "
                          "shards are numbered from 0")
-    return index, count
+    return ShardRequest(index, count, "--shard")
 
 
-def shard_from_env(environ: dict, shards: int | None = None) -> tuple[int, int] | None:
-    """An array task's shard from Slurm, Kubernetes Indexed Jobs or AWS Batch; None outside an array job.
+def shard_from_env(environ: dict, shards: int | None = None) -> ShardRequest | None:
+    """An array task's shard request from Slurm, Kubernetes Indexed Jobs or AWS Batch; None outside an array job.
 
     Slurm: SLURM_ARRAY_TASK_ID with SLURM_ARRAY_TASK_COUNT (or _MIN/_MAX/_STEP). Kubernetes:
     JOB_COMPLETION_INDEX with the count from --shards or CXRGEN_SHARDS (a Job does not export it).
-    AWS Batch: AWS_BATCH_JOB_ARRAY_INDEX with AWS_BATCH_JOB_ARRAY_SIZE. Called by the CLI only.
+    AWS Batch: AWS_BATCH_JOB_ARRAY_INDEX with AWS_BATCH_JOB_ARRAY_SIZE. A task number without a count
+    takes the count the run's first task recorded (`resolve_shard`). Called by the CLI only.
     """
     def number(name: str) -> int:
         try:
@@ -88,34 +109,62 @@ def shard_from_env(environ: dict, shards: int | None = None) -> tuple[int, int] 
         except ValueError:
             raise InputError(f"{name}={environ[name]!r} is not a whole number; check the job's environment") from None
 
-    found = None
     if "SLURM_ARRAY_TASK_ID" in environ:
-        task = number("SLURM_ARRAY_TASK_ID")
         low = number("SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in environ else 0
         step = number("SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in environ else 1
-        if "SLURM_ARRAY_TASK_COUNT" in environ:
-            count = number("SLURM_ARRAY_TASK_COUNT")
-        elif "SLURM_ARRAY_TASK_MAX" in environ:
-            count = (number("SLURM_ARRAY_TASK_MAX") - low) // step + 1
-        else:
-            raise InputError("SLURM_ARRAY_TASK_ID is set without SLURM_ARRAY_TASK_COUNT or _MAX; pass --shard I/N")
-        found = ((task - low) // step, count, "SLURM_ARRAY_TASK_ID")
-    elif "JOB_COMPLETION_INDEX" in environ:
+        count = number("SLURM_ARRAY_TASK_COUNT") if "SLURM_ARRAY_TASK_COUNT" in environ else \
+            (number("SLURM_ARRAY_TASK_MAX") - low) // step + 1 if "SLURM_ARRAY_TASK_MAX" in environ else None
+        return ShardRequest(number("SLURM_ARRAY_TASK_ID"), count, "SLURM_ARRAY_TASK_ID", low, max(1, step))
+    if "JOB_COMPLETION_INDEX" in environ:
         count = shards if shards is not None else (number("CXRGEN_SHARDS") if "CXRGEN_SHARDS" in environ else None)
-        if count is None:
-            raise InputError("JOB_COMPLETION_INDEX is set (a Kubernetes Indexed Job) but the number of shards is "
-                             "not: pass --shards N (the Job's completions) or set CXRGEN_SHARDS=N")
-        found = (number("JOB_COMPLETION_INDEX"), count, "JOB_COMPLETION_INDEX")
-    elif "AWS_BATCH_JOB_ARRAY_INDEX" in environ:
-        if "AWS_BATCH_JOB_ARRAY_SIZE" not in environ:
-            raise InputError("AWS_BATCH_JOB_ARRAY_INDEX is set without AWS_BATCH_JOB_ARRAY_SIZE; pass --shard I/N")
-        found = (number("AWS_BATCH_JOB_ARRAY_INDEX"), number("AWS_BATCH_JOB_ARRAY_SIZE"), "AWS_BATCH_JOB_ARRAY_INDEX")
-    if found is None:
-        return None
-    index, count, source = found
-    if not 0 <= index < count:
-        raise InputError(f"{source} gives shard {index} of {count}, outside 0..{count - 1}; check the array size")
-    return (index, count) if count > 1 else None
+        return ShardRequest(number("JOB_COMPLETION_INDEX"), count, "JOB_COMPLETION_INDEX")
+    if "AWS_BATCH_JOB_ARRAY_INDEX" in environ:
+        count = number("AWS_BATCH_JOB_ARRAY_SIZE") if "AWS_BATCH_JOB_ARRAY_SIZE" in environ else None
+        return ShardRequest(number("AWS_BATCH_JOB_ARRAY_INDEX"), count, "AWS_BATCH_JOB_ARRAY_INDEX")
+    return None
+
+
+_NO_COUNT = {"SLURM_ARRAY_TASK_ID": "SLURM_ARRAY_TASK_ID is set without SLURM_ARRAY_TASK_COUNT or _MAX",
+             "JOB_COMPLETION_INDEX": "JOB_COMPLETION_INDEX is set (a Kubernetes Indexed Job) but the number of "
+                                     "shards is not: pass --shards N (the Job's completions) or set CXRGEN_SHARDS=N",
+             "AWS_BATCH_JOB_ARRAY_INDEX": "AWS_BATCH_JOB_ARRAY_INDEX is set without AWS_BATCH_JOB_ARRAY_SIZE"}
+
+
+def resolve_shard(request: ShardRequest | None, recorded: dict | None) -> tuple[tuple[int, int] | None, dict | None]:
+    """This task's (index, count) and the split to record, given the split the run's first task recorded.
+
+    A rerun task keeps its original shard: with a recorded split, the task number maps through the recorded
+    first task and step, and a task that brings no count takes the recorded one. A task whose count (or an
+    explicit --shard N) differs from the recorded count is refused, naming the --shard that reruns it: the
+    run is never split two ways. Without a recorded split a one-task array is the whole plan, as before.
+    """
+    if request is None:
+        return None, None
+    if recorded is None:
+        if request.count is None:
+            raise InputError(f"{_NO_COUNT[request.source]}; pass --shard I/N")
+        index, count = (request.task - request.first) // request.step, request.count
+        if not 0 <= index < count:
+            raise InputError(f"{request.source} gives shard {index} of {count}, outside 0..{count - 1}; check the "
+                             "array size")
+        return ((index, count), request.split(count)) if count > 1 else (None, None)
+    count = int(recorded["count"])
+    same_numbering = request.source == recorded.get("variable")
+    first, step = (int(recorded.get("first", 0)), int(recorded.get("step", 1)) or 1) if same_numbering else \
+        (request.first, request.step)
+    offset = request.task - first
+    index = offset // step
+    suggestion = f"--shard {index}/{count}" if 0 <= index < count and offset % step == 0 else \
+        f"--shard I/{count} (I from 0 to {count - 1})"
+    if request.count is not None and request.count != count:
+        given = f"--shard {request.task}/{request.count}" if request.source == "--shard" else \
+            f"this array task ({request.source}={request.task}) comes from an array of {request.count} task(s)"
+        raise InputError(f"{given}, but the run in this folder was split into {count} shards by its first task; "
+                         f"rerun this shard with {suggestion}, so the split stays the same")
+    if not (0 <= index < count and offset % step == 0):
+        raise InputError(f"{request.source}={request.task} is not one of the run's {count} shards (tasks "
+                         f"{first}, {first + step}, ... {first + step * (count - 1)}); pass {suggestion}")
+    return (index, count), dict(recorded)
 
 
 # Slurm's step id inside the batch script or the "extern" step; only srun-started steps are launches.

@@ -46,20 +46,6 @@ PATHOLOGIES = [p for p in te.RELEASE["labels"] if p]
 SCORE_COLUMNS = [f"xrv_{p.replace(' ', '_')}" for p in PATHOLOGIES]
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    """The random-weight evaluator, pickled whole like the release file."""
-    return te.save_release(tmp_path_factory.mktemp("weights") / te.RELEASE_FILE)
-
-
-@pytest.fixture()
-def home(tmp_path, monkeypatch) -> Path:
-    """$CXRGEN_HOME of one test: read by the CLI, where weights and the real-feature cache go."""
-    path = tmp_path / "home"
-    monkeypatch.setenv("CXRGEN_HOME", str(path))
-    return path
-
-
 def evaluate(*args, weights=None):
     """Run `cxrgen evaluate` in-process (the given weights, if any)."""
     extra = ["--evaluator-weights", str(weights)] if weights else []

@@ -525,3 +525,43 @@ def test_shipped_chexpert14_is_what_its_documented_command_writes(tmp_path, temp
     assert {f: synthetic_positives(frame, f) for f in CHEXPERT} == {f: 8 for f in CHEXPERT}
     check_labels_match_prompts(frame, templates, {f: f for f in CHEXPERT})
     assert read_manifest(root / "chexpert14.csv").labels.column_names == sorted(CHEXPERT) + ["template_id"]
+
+
+# ------------------------------------------------------------------------------------------------ issue 19, item 2
+
+U_ONES = [["a.jpg", "-1", "0"], ["b.jpg", "-1.0", ""], ["c.jpg", "-1", "0"], ["d.jpg", "", "1"]]  # Pneumothorax, Edema
+
+
+@pytest.mark.parametrize("policy, pneumothorax", [("positive", 0), ("ignore", 3)])
+def test_uncertain_positive_counts_minus_one_towards_the_target(tmp_path, policy, pneumothorax):
+    path = write_table(tmp_path / "labels.csv", ["Path", "Pneumothorax", "Edema"], U_ONES)
+    out = tmp_path / "m.csv"
+    ok(build(path, "--target", "3", "--uncertain", policy, "-o", out))
+    frame = pd.read_csv(out)
+    made = lambda column: int((frame[column] * frame["num_images"]).sum())  # noqa: E731
+    assert made("Pneumothorax") == pneumothorax  # three U-Ones already reach the target of 3
+    assert made("Edema") == 2
+
+
+@pytest.mark.parametrize("policy, anchor", [("positive", "Edema"), ("ignore", "Pneumothorax")])
+def test_uncertain_positive_ranks_findings_by_their_u_ones_too(tmp_path, policy, anchor):
+    # rarest first: under U-Ones Pneumothorax has 3 positives and Edema 1, so Edema is the rarer one
+    path = write_table(tmp_path / "labels.csv", ["Path", "Pneumothorax", "Edema"], U_ONES)
+    out = tmp_path / "m.csv"
+    ok(build(path, "--total", "2", "--uncertain", policy, "-o", out))
+    frame = pd.read_csv(out)
+    assert int(frame["num_images"].sum()) == 2
+    assert set(frame.loc[frame[anchor] == 1, "num_images"].index) == set(frame.index)
+
+
+def test_uncertain_positive_counts_minus_one_in_ratio_and_in_a_table_of_counts(tmp_path):
+    path = write_table(tmp_path / "labels.csv", ["Path", "Pneumothorax", "Edema"], U_ONES)
+    ok(build(path, "--ratio", "1", "--uncertain", "positive", "-o", tmp_path / "ratio.csv"))
+    frame = pd.read_csv(tmp_path / "ratio.csv")
+    assert int((frame["Pneumothorax"] * frame["num_images"]).sum()) == 3  # one per real positive, U-Ones included
+    counts = write_table(tmp_path / "counts.csv", ["finding", "positive", "uncertain"],
+                         [["Pneumothorax", "0", "3"], ["Edema", "1", "0"]])
+    ok(build(counts, "--counts", "--target", "3", "--uncertain", "positive", "-o", tmp_path / "counts_m.csv"))
+    frame = pd.read_csv(tmp_path / "counts_m.csv")
+    assert "Pneumothorax" not in frame.columns or int((frame["Pneumothorax"] * frame["num_images"]).sum()) == 0
+    assert int((frame["Edema"] * frame["num_images"]).sum()) == 2

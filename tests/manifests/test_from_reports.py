@@ -185,3 +185,55 @@ def test_bad_input_is_refused_and_nothing_written(tmp_path):
     write_reports(tmp_path / "blank.csv", ["", "___ XXXX"])
     refused(make(tmp_path / "blank.csv", "-o", out), "blank.csv, column report", "no report gave a sentence")
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ issue 19: item 3 and the 77-token boundary
+
+def test_mimic_recommendations_header_in_any_spelling_ends_the_kept_section():
+    report = ("FINDINGS: Small left effusion. IMPRESSION: Small effusion. "
+              "RECOMMENDATION(S): Chest CT in 3 months.")
+    assert sentences(sections(report)) == ["Small left effusion.", "Small effusion."]
+    for header in ("RECOMMENDATION(S)", "Recommendations", "recommendation", "Wet read", "CLINICAL INDICATION",
+                   "Comparison film", "Reference exam", "Patient history", "INDICATION(S)"):
+        assert sentences(sections(f"FINDINGS: Clear lungs. {header}: Follow up in 3 months.")) == ["Clear lungs."]
+    for header in ("IMPRESSION(S)", "Impressions", "CONCLUSION(S)", "Findings/ Impression", "FINDING"):
+        assert sentences(sections(f"INDICATION: Cough. {header}: No acute process.")) == ["No acute process."]
+
+
+def test_a_sentence_starting_in_lower_case_is_a_sentence_of_its_own(tmp_path):
+    iu = ("FINDINGS: No pleural effusions or pneumothoraces. cardiomegaly. Degenerative changes of the spine. "
+          "Heart size is enlarged. Lungs are clear. No focal airspace disease. IMPRESSION: Cardiomegaly.")
+    found = sentences(sections(iu))
+    assert found[:3] == ["No pleural effusions or pneumothoraces.", "cardiomegaly.",
+                         "Degenerative changes of the spine."]
+    assert len(found) == 7
+    assert sentences("Seen at 10 a.m. on the film. e.g. edema is seen with Dr. smith.") == \
+        ["Seen at 10 a.m. on the film.", "e.g. edema is seen with Dr. smith."]  # abbreviations do not end one
+    write_reports(tmp_path / "reports.csv", [iu])
+    ok(make(tmp_path / "reports.csv", "--max-sentences", "5", "-o", tmp_path / "p.csv"))
+    prompt = pd.read_csv(tmp_path / "p.csv")["prompt"].iloc[0]
+    assert len(sentences(prompt)) <= 5 and prompt.count(".") <= 5
+
+
+def _words(n: int) -> str:
+    return " ".join(["Left"] + ["left"] * (n - 1)) + "."  # one token each (CLIP lower-cases): n + 3 with start, end
+
+
+def test_windows_take_sentences_up_to_exactly_77_tokens():
+    assert windows([77], 5) == {0: 1} and windows([78], 5) == {}
+    assert windows([40, 39], 5) == {0: 2, 1: 2}  # 2 + 38 + 37 = 77 tokens: both fit
+    assert windows([40, 40], 5) == {0: 1, 1: 2}  # 78: only one at a time
+
+
+@pytest.mark.parametrize("report, prompts", [
+    (_words(74), [_words(74)]),  # a sentence of exactly 77 tokens fits
+    (_words(75), []),  # 78 tokens: no window
+    (f"{_words(37)} {_words(36)}", [f"{_words(37)} {_words(36)}"]),  # two sentences summing to 77 fit together
+    (f"{_words(37)} {_words(37)}", [_words(37)]),  # 78 together: the first window takes one
+])
+def test_from_reports_keeps_prompts_of_exactly_77_tokens(report, prompts, counter, tmp_path):
+    assert counter.count(_words(74)) == MAX_TOKENS == 77 and counter.count(f"{_words(37)} {_words(36)}") == 77
+    write_reports(tmp_path / "reports.csv", [report, "Lungs are clear."])
+    ok(make(tmp_path / "reports.csv", "-o", tmp_path / "p.csv"))
+    frame = pd.read_csv(tmp_path / "p.csv")
+    assert frame.loc[frame["report_row"] == 1, "prompt"].tolist() == prompts

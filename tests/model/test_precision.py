@@ -16,7 +16,12 @@ from cxrgen.errors import RunError
 from cxrgen.manifests.workitems import WorkItem, load_plan
 from cxrgen.model.bundle import load_bundle, read_spec
 from cxrgen.model.engine import Engine, EngineOptions
-from cxrgen.model.precision import fold_attention_scale, resolve_dtype, run_dtypes, set_precision
+from cxrgen.model.precision import (
+    fold_attention_scale,
+    resolve_dtype,
+    run_dtypes,
+    set_precision,
+)
 from cxrgen.model.text_encoder import load_text_encoder
 from cxrgen.runs.generate import generate, resume
 

@@ -262,3 +262,54 @@ def test_long_image_ids_give_keys_a_tar_member_name_can_hold(tmp_path):
     with tarfile.open(tmp_path / "t.tar", "w", format=tarfile.USTAR_FORMAT) as tar:  # the format shards use
         for key in keys:
             tar.addfile(tarfile.TarInfo(f"{key}.json"))
+
+
+# ------------------------------------------------------------------------------------------------ issue 19
+
+def _with_columns(run: Path, tmp_path: Path, **columns) -> Path:
+    """A copy of the run whose metadata.parquet has these columns replaced or added."""
+    copy = Path(shutil.copytree(run, tmp_path / "copy", ignore=shutil.ignore_patterns("quality", "preview")))
+    table = pq.read_table(copy / "metadata.parquet")
+    for name, values in columns.items():
+        array = values if isinstance(values, pa.Array) else pa.array(values)
+        if name in table.column_names:
+            table = table.set_column(table.schema.get_field_index(name), name, array)
+        else:
+            table = table.append_column(name, array)
+    pq.write_table(table, copy / "metadata.parquet")
+    return copy
+
+
+def _strict_json(data: bytes):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return __import__("json").loads(data.decode("utf-8"), parse_constant=refuse)
+
+
+def test_webdataset_json_is_strict_json_for_inf_and_nan_labels(run, meta, tmp_path):
+    # item 13: the README documents inf as a valid float label; json.dumps would write Infinity
+    inf = float("inf")
+    copy = _with_columns(run, tmp_path, score=[inf, -inf, float("nan"), 1.5, None],
+                         series=pa.array([[1.0, inf], [], None, [float("nan")], [2.0]], pa.list_(pa.float64())))
+    assert invoke("export", copy, "--to", tmp_path / "shards").exit_code == 0
+    rows = {}
+    with tarfile.open(tmp_path / "shards" / "train-000000.tar") as tar:
+        for member in tar.getmembers():
+            if member.name.endswith(".json"):
+                row = _strict_json(tar.extractfile(member).read())
+                rows[row["image_id"]] = row
+    ids = meta["image_id"].tolist()
+    assert [rows[i]["score"] for i in ids] == ["inf", "-inf", None, 1.5, None]
+    assert [rows[i]["series"] for i in ids] == [[1.0, "inf"], [], None, [None], [2.0]]
+
+
+def test_ids_that_differ_only_in_letter_case_are_refused_before_anything_is_written(run, meta, tmp_path):
+    ids = meta["image_id"].tolist()
+    copy = _with_columns(run, tmp_path, image_id=["Case_0000", "case_0000", *ids[2:]])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = invoke("export", copy, "--format", "webdataset", "--to", tmp_path / "shards")
+    assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0, result.output
+    assert "'Case_0000'" in result.stderr and "'case_0000'" in result.stderr and "letter case" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no shard, no --to, no staging folder
+    # the imagefolder format names files by file_name, not by id: it exports them
+    assert invoke("export", copy, "--format", "imagefolder", "--to", tmp_path / "folder").exit_code == 0

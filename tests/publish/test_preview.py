@@ -206,3 +206,36 @@ def test_a_remake_at_another_size_that_stops_midway_leaves_no_mixed_thumbnails(r
     thumbs = sorted((run / "preview" / "thumbs").rglob("*.jpg"))
     assert {max(Image.open(p).size) for p in thumbs} == {128} and len(thumbs) == 7
     assert all(max(image["w"], image["h"]) == 128 for image in embedded(result.index)["images"])
+
+
+# Every way a page can turn a string into markup or code. The gallery must use none of them: data reaches the page
+# through textContent, attributes through properties (issue 19: a planted `innerHTML` survived where the browser
+# test skips).
+HTML_SINKS = re.compile(r"\b(innerHTML|outerHTML|insertAdjacentHTML|document\s*\.\s*write(?:ln)?|"
+                        r"createContextualFragment|DOMParser|parseFromString|srcdoc|setHTML|setHTMLUnsafe|"
+                        r"eval|Function)\b|\.html\s*\(|\bset(?:Timeout|Interval)\s*\(\s*['\"`]")
+
+
+def _page_script(html: str) -> str:
+    """The page's own script, its comments removed (a comment may name what it avoids)."""
+    script = re.search(r"<script>(.*?)</script>", html, re.S).group(1)
+    script = re.sub(r"/\*.*?\*/", "", script, flags=re.S)
+    return re.sub(r"(^|\s)//[^\n]*", r"\1", script)
+
+
+def test_the_gallery_script_never_turns_data_into_html(run):
+    """Checked without a browser, on the shipped template and on a written page."""
+    from importlib import resources
+
+    template = resources.files("cxrgen").joinpath("data/preview.html").read_text(encoding="utf-8")
+    assert preview(run).exit_code == 0
+    written = (run / "preview" / "index.html").read_text(encoding="utf-8")
+    for page in (template, written):
+        script = _page_script(page)
+        assert "createElement" in script and "textContent" in script  # what it does instead
+        assert HTML_SINKS.search(script) is None, HTML_SINKS.search(script).group(0)
+        assert re.findall(r"<script\b", page) == ['<script', '<script']  # the JSON block and the page's script
+    # the checker itself catches the ways a planted bug would write it
+    for planted in ('title.innerHTML = prompt;', 'section.insertAdjacentHTML("beforeend", prompt)',
+                    "document.write(prompt)", "el.outerHTML=x", "setTimeout('go()', 1)"):
+        assert HTML_SINKS.search(_page_script(f"<script>{planted}</script>")), planted

@@ -28,7 +28,7 @@ from cxrgen.model import text_encoder as cxrgen_text
 from cxrgen.model.sampling import to_uint8
 from cxrgen.model.text_encoder import TextEncoder, load_text_encoder
 from cxrgen.runs.generate import generate
-from cxrgen.runs.journal import METADATA_SCHEMA, Journal, write_metadata
+from cxrgen.runs.journal import METADATA_SCHEMA, Journal, metadata_table, write_metadata
 
 
 def write_text(path: Path, text: str) -> Path:
@@ -41,8 +41,8 @@ def write_text(path: Path, text: str) -> Path:
 def _metadata_of(tmp_path: Path, label_columns: dict) -> Path:
     """write_metadata for one image whose manifest row carries these label columns."""
     labels = pa.table({name: pa.array(values) for name, values in label_columns.items()})
-    return write_metadata(tmp_path, [{"image_id": "row0000001_0000", "worker": "w0", "dtype": "float32"}],
-                          labels, [1])
+    return write_metadata(tmp_path, metadata_table([{"image_id": "row0000001_0000", "worker": "w0",
+                                                     "dtype": "float32"}], labels, [1]))
 
 
 def _read_both_ways(path: Path) -> tuple[pd.DataFrame, pa.Table]:
@@ -347,3 +347,91 @@ def test_a_text_encoder_folder_without_tokenizer_files_is_refused(text_encoder_d
     (tmp_path / "clip" / "tokenizer").mkdir()
     with pytest.raises(InputError, match="tokenizer files .* are missing"):
         load_text_encoder(str(tmp_path / "clip"))
+
+
+# ------------------------------------------------------------------ issue 19, item 1: nested label columns, card first
+
+def _nested_manifest(tmp_path: Path) -> Path:
+    table = pa.table({"prompt": ["Small left effusion", "Clear lungs", "Small left effusion"],
+                      "tags": pa.array([["pa", "upright"], [], ["pa", "upright"]], pa.list_(pa.string())),
+                      "study": pa.array([{"site": "A", "n": 1}, None, {"site": "B", "n": 2}]),
+                      "Edema": [1, 0, 1]})
+    path = tmp_path / "nested.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+def _status(out: Path):
+    from typer.testing import CliRunner
+
+    from cxrgen.cli import app
+
+    return CliRunner().invoke(app, ["status", str(out)])
+
+
+def test_list_and_struct_label_columns_are_carried_and_counted_in_the_card(tmp_path, bundle_dir, text_encoder_dir,
+                                                                           one_torch_thread):
+    out = tmp_path / "out"
+    result = generate(RunConfig(manifest=str(_nested_manifest(tmp_path)), out=str(out), model=str(bundle_dir),
+                                text_encoder=str(text_encoder_dir), cache_dir=str(tmp_path / "cache"), steps=1,
+                                image_format="png", quiet=True), log=lambda message: None)
+    assert result.complete
+    table = pq.read_table(out / "metadata.parquet")
+    assert table.schema.field("tags").type == pa.list_(pa.string())
+    assert table.column("tags").to_pylist() == [["pa", "upright"], [], ["pa", "upright"]]
+    assert table.column("study").to_pylist()[2] == {"site": "B", "n": 2}
+    card = (out / "README.md").read_text(encoding="utf-8")
+    labels = card.split("## Labels", 1)[1].split("\n## ", 1)[0]
+    assert '- `tags`: \\["pa", "upright"\\]: 2, \\[\\]: 1' in labels
+    assert "- `study`: " in labels and "blank: 1" in labels and "- `Edema`: 1: 2, 0: 1" in labels
+    assert _status(out).exit_code == 0
+
+
+def test_a_failure_while_the_card_is_written_leaves_a_run_that_is_not_complete(tmp_path, bundle_dir,
+                                                                               text_encoder_dir, one_torch_thread,
+                                                                               monkeypatch):
+    import cxrgen.runs.card
+
+    config = RunConfig(manifest=str(_nested_manifest(tmp_path)), out=str(tmp_path / "out"), model=str(bundle_dir),
+                       text_encoder=str(text_encoder_dir), cache_dir=str(tmp_path / "cache"), steps=1,
+                       image_format="png", quiet=True)
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cxrgen.runs.card, "card_text", broken)
+    with pytest.raises(OSError):
+        generate(config, log=lambda message: None)
+    out = Path(config.out)
+    assert not (out / "metadata.parquet").exists() and not (out / "README.md").exists()
+    status = _status(out)
+    assert status.exit_code == 1 and "cxrgen resume" in status.output
+    monkeypatch.undo()
+    assert generate(config, log=lambda message: None).complete  # the resume merges and writes both
+    assert (out / "README.md").is_file() and _status(out).exit_code == 0
+    # a finished folder whose card is gone is not complete either; a resume writes the card again
+    (out / "README.md").unlink()
+    assert _status(out).exit_code == 1
+    assert generate(config, log=lambda message: None).complete and (out / "README.md").is_file()
+
+
+# ------------------------------------------------------------------ issue 19, item 8: the card escapes manifest text
+
+def test_the_card_shows_hostile_labels_and_column_names_as_text(tmp_path, bundle_dir, text_encoder_dir,
+                                                                one_torch_thread):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text('prompt,<img src=x onerror=alert(1)>,note,negative_prompt\n'
+                        '"Small effusion",1,"line\n## injected","a | b <b>bold</b>"\n', encoding="utf-8")
+    out = tmp_path / "out"
+    assert generate(RunConfig(manifest=str(manifest), out=str(out), model=str(bundle_dir),
+                              text_encoder=str(text_encoder_dir), cache_dir=str(tmp_path / "cache"), steps=1,
+                              image_format="png", quiet=True), log=lambda message: None).complete
+    from markdown_it import MarkdownIt
+
+    card = (out / "README.md").read_text(encoding="utf-8")
+    html = MarkdownIt("commonmark").render(card)  # as a viewer renders it, raw HTML allowed
+    assert "<img" not in html and "<b>" not in html and "injected</h2>" not in html
+    assert "line ## injected: 1" in html  # the value, on its label line, as text
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    settings = [line for line in card.splitlines() if line.startswith("| negative prompt")]
+    assert settings == ["| negative prompt (default) | (empty) |"]  # the row's own negative prompt is per image

@@ -271,14 +271,14 @@ def test_the_fast_journal_reader_agrees_with_the_line_reader_on_damaged_journals
     # a kill tore a line, the next writer ended it and went on; then a torn last line
     (folder / "part-b.jsonl").write_text(lines[0][:30] + "\n" + json.dumps({**good[1], "file_bytes": 7}) + "\n"
                                          + '{"image_id": "x9", "file_na')
-    # an old journal without sizes, and a duplicate of an image recorded earlier (first record wins)
+    # an old journal without sizes, and a later record of an image recorded earlier (the latest record wins)
     (folder / "part-c.jsonl").write_text(json.dumps({"image_id": "old", "file_name": "images/00000/old.png"}) + "\n"
                                          + json.dumps({**good[2], "file_bytes": 1}) + "\n")
     fields = ("file_name", "file_bytes", "file_crc32")
     fast = read_records(tmp_path, fields)
     slow = {k: {f: r.get(f) for f in ("image_id", *fields)} for k, r in read_records(tmp_path).items()}
     assert fast == slow
-    assert fast["i1"]["file_bytes"] == 101 and fast["i2"]["file_bytes"] == 102 and "x9" not in fast
+    assert fast["i1"]["file_bytes"] == 7 and fast["i2"]["file_bytes"] == 1 and "x9" not in fast
     assert fast["old"]["file_bytes"] is None
 
 
@@ -313,3 +313,152 @@ def test_one_folder_fsync_per_batch_and_always_before_the_records(config, monkey
         recorded_at = next(i for i, e in enumerate(events) if e[0] == "records" and e[2] == batch)
         # a folder fsync that saw every file of the batch in place came before its records
         assert any(i < recorded_at and batch <= names for i, names in folder_syncs)
+
+
+# ------------------------------------------------------------------ issue 19, item 4: the latest record wins
+
+def test_a_file_remade_with_other_bytes_verifies_clean_and_the_merge_describes_it(config):
+    import tiny
+
+    out = generate(config()).out
+    plan = load_plan(config())[1]
+    damaged = out / plan[2].file_name
+    original = damaged.read_bytes()
+    damaged.write_bytes(original[:100])  # truncated: the quick start-up check finds it
+    # a resume remakes it with other bytes, as float rounding in another batch may
+    result = generate(config(workers=1, batch_size=1), engine_hook=tiny.one_gray_level_brighter)
+    assert result.written == 1 and result.complete
+    remade = damaged.read_bytes()
+    assert remade != original
+    records = [r for r in journal(out) if r["image_id"] == plan[2].image_id]
+    assert len(records) == 2 and records[-1]["file_bytes"] == len(remade)
+    # verify, resume and the merge all read the latest record
+    report = inspect_run(out, verify=True)
+    assert report.complete and report.missing_files == [] and report.done == PLANNED
+    assert read_records(out, ("file_bytes",))[plan[2].image_id]["file_bytes"] == len(remade)
+    status = runner.invoke(app, ["status", str(out), "--verify"])
+    assert status.exit_code == 0, status.output
+    again = generate(config(verify=True))
+    assert again.written == 0 and again.complete and damaged.read_bytes() == remade
+    row = pq.read_table(out / "metadata.parquet").to_pandas().set_index("image_id").loc[plan[2].image_id]
+    assert row["created_at"] == records[-1]["created_at"]  # merged again from the new record
+
+
+def test_the_latest_record_wins_within_a_journal_and_between_journals(tmp_path):
+    folder = tmp_path / RECORDS_DIR
+    folder.mkdir(parents=True)
+    rec = lambda image_id, size, stamp: json.dumps({"image_id": image_id, "file_name": f"images/{image_id}.png",  # noqa: E731
+                                                    "file_bytes": size, "file_crc32": size,
+                                                    "created_at": stamp}) + "\n"
+    # part-a holds an image twice (a later line of one writer is later even if its clock stepped back);
+    # part-b remade "b" after part-a wrote it, and wrote "c" before part-a's second record of it
+    (folder / "part-a.jsonl").write_text(rec("a", 1, "2025-01-01T10:00:00.000+00:00")
+                                         + rec("a", 2, "2025-01-01T09:00:00.000+00:00")
+                                         + rec("b", 3, "2025-01-01T10:00:00.000+00:00")
+                                         + rec("c", 4, "2025-01-01T12:00:00.000+00:00"))
+    (folder / "part-b.jsonl").write_text(rec("b", 5, "2025-01-01T11:00:00.000+00:00")
+                                         + rec("c", 6, "2025-01-01T11:30:00.000+00:00"))
+    expected = {"a": 2, "b": 5, "c": 4}
+    for fields in (("file_bytes",), None):  # the Arrow reader and the line reader
+        found = read_records(tmp_path, fields)
+        assert {k: r["file_bytes"] for k, r in found.items()} == expected
+    from cxrgen.runs.journal import read_record_table
+
+    table = read_record_table(tmp_path, ["c", "a", "b"])
+    assert table.column("file_name").to_pylist() == ["images/c.png", "images/a.png", "images/b.png"]
+    assert table.column("created_at").to_pylist() == ["2025-01-01T12:00:00.000+00:00",
+                                                      "2025-01-01T09:00:00.000+00:00",
+                                                      "2025-01-01T11:00:00.000+00:00"]
+
+
+# ------------------------------------------------------------------ issue 19, item 5: array reruns keep their shard
+
+def _slurm_task(task: int, **more) -> dict:
+    """The variables Slurm gives one array task (the batch step: no srun step, so no ranks)."""
+    return {"SLURM_ARRAY_TASK_ID": str(task), "SLURM_JOB_ID": "5", "SLURM_PROCID": "0", "SLURM_NTASKS": "1",
+            **{f"SLURM_ARRAY_TASK_{key}": str(value) for key, value in more.items()}}
+
+
+def test_rerunning_some_array_tasks_keeps_their_shards(manifest, bundle_dir, text_encoder_dir, single, tmp_path):
+    from helpers import assert_input_error
+
+    out = tmp_path / "out"
+    args = lambda *extra: _cli_args(manifest, out, bundle_dir, text_encoder_dir, *extra)  # noqa: E731
+    shard_ids = lambda i: [json.loads(x)["image_id"] for x in  # noqa: E731
+                           (out / RECORDS_DIR / f"part-shard{i}.jsonl").read_text().splitlines()]
+    # the first launch, sbatch --array=10-16:2 (4 tasks), ran tasks 10 and 14 only
+    for task in (10, 14):
+        result = runner.invoke(app, args(), env=_slurm_task(task, MIN=10, MAX=16, STEP=2, COUNT=4))
+        assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.json").read_text())["shards"] == {"count": 4, "variable": "SLURM_ARRAY_TASK_ID",
+                                                                    "first": 10, "step": 2}
+    plan = load_plan(RunConfig.from_dict(json.loads((out / "run.json").read_text())["config"]))[1]
+    # sbatch --array=12,16: Slurm numbers these two tasks as an array of 2 from 12; the split must not change
+    before = sorted(p.name for p in (out / RECORDS_DIR).iterdir())
+    refused = runner.invoke(app, args(), env=_slurm_task(16, MIN=12, MAX=16, COUNT=2))
+    assert_input_error(refused, "--shard 3/4", "4 shards")
+    assert sorted(p.name for p in (out / RECORDS_DIR).iterdir()) == before
+    # a task alone, given only its task number: it takes the recorded count and its own shard (12 -> 1 of 4)
+    alone = runner.invoke(app, args(), env=_slurm_task(12))
+    assert alone.exit_code == 0, alone.output
+    assert shard_ids(1) == [item.image_id for item in plan if item.index % 4 == 1]
+    # a one-task array (sbatch --array=16) neither runs the whole plan nor another split
+    single_task = runner.invoke(app, args(), env=_slurm_task(16, MIN=16, MAX=16, COUNT=1))
+    assert_input_error(single_task, "--shard 3/4")
+    assert not (out / RECORDS_DIR / "part-main.jsonl").exists() and not (out / "metadata.parquet").exists()
+    # --shard with another count is refused; with the recorded count it finishes the run
+    assert_input_error(runner.invoke(app, args("--shard", "1/2")), "4 shards", "--shard 1/4")
+    last = runner.invoke(app, args("--shard", "3/4"))
+    assert last.exit_code == 0, last.output
+    assert shard_ids(3) == [item.image_id for item in plan if item.index % 4 == 3]
+    same_dataset(single, out)
+    assert len((out / ".cxrgen" / "merges.log").read_text().splitlines()) == 1
+
+
+def test_a_kubernetes_or_aws_task_without_its_count_reads_the_recorded_one(manifest, bundle_dir, text_encoder_dir,
+                                                                           tmp_path):
+    out = tmp_path / "out"
+    args = _cli_args(manifest, out, bundle_dir, text_encoder_dir)
+    first = runner.invoke(app, args, env={"JOB_COMPLETION_INDEX": "0", "CXRGEN_SHARDS": "3"})
+    assert first.exit_code == 0, first.output
+    for env in ({"JOB_COMPLETION_INDEX": "2"}, {"AWS_BATCH_JOB_ARRAY_INDEX": "1"}):
+        result = runner.invoke(app, args, env=env)
+        assert result.exit_code == 0, result.output
+    assert inspect_run(out).complete
+    assert len((out / ".cxrgen" / "merges.log").read_text().splitlines()) == 1
+
+
+def test_resolve_shard_maps_task_numbers_through_the_recorded_split():
+    from cxrgen.errors import InputError
+    from cxrgen.runs.workers import ShardRequest, resolve_shard
+
+    recorded = {"count": 8, "variable": "SLURM_ARRAY_TASK_ID", "first": 1, "step": 1}
+    slurm = lambda task, count, first: ShardRequest(task, count, "SLURM_ARRAY_TASK_ID", first)  # noqa: E731
+    assert resolve_shard(slurm(1, 8, 1), None) == ((0, 8), recorded)  # the first launch records its split
+    assert resolve_shard(slurm(5, 8, 1), recorded) == ((4, 8), recorded)
+    assert resolve_shard(slurm(5, None, 0), recorded) == ((4, 8), recorded)  # no count: the recorded one
+    assert resolve_shard(ShardRequest(4, 8, "--shard"), recorded)[0] == (4, 8)
+    assert resolve_shard(ShardRequest(0, 1, "SLURM_ARRAY_TASK_ID", 0), None) == (None, None)  # no split at all
+    for request, says in ((slurm(5, 2, 5), "--shard 4/8"), (slurm(9, None, 0), "--shard I/8"),
+                          (ShardRequest(1, 4, "--shard"), "--shard 1/8")):
+        with pytest.raises(InputError, match=says.replace("/", "/")):
+            resolve_shard(request, recorded)
+
+
+def test_shards_out_of_order_and_rerun_merge_exactly_once(manifest, bundle_dir, text_encoder_dir, single, tmp_path):
+    """Merging is decided by what is done, never by which shard runs last: shards in the order 2, 0, 3, 1, then
+    two finished shards again."""
+    out = tmp_path / "out"
+    args = lambda i: _cli_args(manifest, out, bundle_dir, text_encoder_dir, "--shard", f"{i}/4")  # noqa: E731
+    merges = out / ".cxrgen" / "merges.log"
+    for position, i in enumerate((2, 0, 3, 1)):
+        result = runner.invoke(app, args(i))
+        assert result.exit_code == 0, result.output
+        assert (out / "metadata.parquet").exists() == (position == 3), (position, i)
+    same_dataset(single, out)
+    assert len(merges.read_text().splitlines()) == 1
+    stamp = (out / "metadata.parquet").stat().st_mtime_ns
+    for i in (3, 0):  # a rerun of a finished task (a scheduler retry) makes nothing and merges nothing
+        result = runner.invoke(app, args(i))
+        assert result.exit_code == 0, result.output
+    assert len(merges.read_text().splitlines()) == 1 and (out / "metadata.parquet").stat().st_mtime_ns == stamp
