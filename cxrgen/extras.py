@@ -11,13 +11,16 @@ EXTRA_HINT = 'pip install "cxrgen[evaluate]"'
 EXTRA_MODULES = ("torchxrayvision", "torchmetrics", "sklearn", "matplotlib")
 
 
-def require_extra() -> None:
-    """Import the evaluate extra's modules, or say in one line which install command fixes it."""
+def require_extra(purpose: str = "cxrgen evaluate") -> None:
+    """Import the evaluate extra's modules, or say in one line which install command fixes it.
+
+    purpose: what needs them, as the message names it (`cxrgen evaluate`, `--verify`).
+    """
     for name in EXTRA_MODULES:
         try:
             import_quietly(name)
         except ImportError as exc:
-            raise InputError(f"cxrgen evaluate needs {name}, which is not installed ({exc}); install the "
+            raise InputError(f"{purpose} needs {name}, which is not installed ({exc}); install the "
                              f"evaluation extra with `{EXTRA_HINT}`") from None
         except Exception as exc:  # noqa: BLE001 - e.g. a torchvision built for another torch fails with RuntimeError
             raise InputError(f"cannot import {name} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "

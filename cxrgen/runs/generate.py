@@ -20,6 +20,7 @@ from cxrgen import __version__
 from cxrgen.config import (
     LEGACY_DEFAULTS,
     PIXEL_FIELDS,
+    VERIFY_FIELDS,
     RunConfig,
     pixel_differences,
     with_absolute_paths,
@@ -48,6 +49,8 @@ from cxrgen.runs.lock import (
 )
 from cxrgen.runs.loop import BatchLoop, SignalGuard, batches_of
 from cxrgen.runs.state import done_items, finalize_once, read_run_json
+from cxrgen.runs.verify import differences, plan_work, prepare
+from cxrgen.runs.verify_stats import stats_lines, verification_stats
 from cxrgen.runs.workers import (
     Rank,
     WorkerResult,
@@ -86,11 +89,13 @@ def _stderr(message: str) -> None:
 
 
 def _pixel_settings(config: RunConfig, manifest: Manifest, plan: list, dtype: str, md5: dict,
-                    text_encoder_fingerprint: str | None) -> dict:
+                    text_encoder_fingerprint: str | None, verification=None) -> dict:
     """Everything that decides which images exist and their pixels; compared on resume."""
     settings = {name: getattr(config, name) for name in PIXEL_FIELDS if name != "model"}
     settings.update(manifest_sha256=manifest.sha256, planned_images=len(plan), dtype=dtype, checkpoint_md5=md5,
                     text_encoder_fingerprint=text_encoder_fingerprint)
+    if verification is not None:  # a plain run's settings stay as they were before --verify existed
+        settings["verify"] = verification.block()
     return settings
 
 
@@ -129,9 +134,11 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
     devices = _devices(config, rank)
     first_device = resolve_device(devices[0])
     dtype = resolve_dtype(config.dtype, first_device, recorded=saved["settings"].get("dtype") if saved else None)
+    verification = prepare(config, manifest, log=None if config.quiet or saved or (rank and rank.rank) else log) \
+        if config.verify_labels else None
     if saved is not None:
         _refuse_changed(out, saved, _pixel_settings(config, manifest, plan, dtype, saved["settings"]["checkpoint_md5"],
-                                                    saved["settings"].get("text_encoder_fingerprint")))
+                                                    saved["settings"].get("text_encoder_fingerprint"), verification))
     with contextlib.ExitStack() as held:
         rank_lock = None
         if rank is not None:  # claimed before loading, so a duplicate rank is refused at once and others see it
@@ -143,7 +150,7 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
                                     bundle_source, offline=config.offline, progress=not config.quiet, log=log)
         sole = len(devices) == 1
         bundle, text = load_models(config, bundle_root, devices[0] if sole else "cpu")
-        settings = _pixel_settings(config, manifest, plan, dtype, bundle.md5, text.fingerprint)
+        settings = _pixel_settings(config, manifest, plan, dtype, bundle.md5, text.fingerprint, verification)
         # 3. claim the folder (ranks share it); record the run, or compare with the recorded one again:
         # another run may have started in this folder while the models loaded
         folder_lock = held.enter_context(FolderLock(state, shared=rank is not None))
@@ -154,13 +161,17 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
                 folder_lock.clear_holder()
             recorded = read_run_json(out)
             if recorded is None:
-                write_json(out / "run.json", _run_json(config, manifest, settings, bundle, devices))
+                write_json(out / "run.json", _run_json(config, manifest, settings, bundle, devices,
+                                                       verification.describe(plan) if verification else None))
             else:
                 _refuse_changed(out, recorded, settings)
         # a rank checks only its own share: 64 ranks must not each read the whole dataset
         mine = rank_share(plan, rank) if rank else plan
         done = done_items(out, mine, verify=config.verify)
         todo = [i for i in mine if i.image_id not in done]
+        if verification is not None:  # attempts instead of images; verdicts journaled by a killed run settle now
+            todo, settled = plan_work(out, todo, verification, _worker_name(rank, 0))
+            done |= settled
         if (done or (saved is not None and rank is None)) and not config.quiet:
             log(f"{_prefix(rank)}resuming the run in {out}: {len(done)} of {len(mine)} image(s)"
                 f"{' of this share' if rank else ''} already done")
@@ -170,11 +181,15 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
                              config.quiet, rank, log)
         if sole:
             engine = make_engine(config, bundle, text, devices[0], dtype)
-            results = [_sample_here(engine, config, batches, _worker_name(rank, 0), engine_hook, progress)]
+            results = [_sample_here(engine, config, batches, _worker_name(rank, 0), engine_hook, progress,
+                                    verification)]
         else:
             del bundle, text  # each worker loads its own copy on its device
             threads = cpu_threads_per_worker(devices, torch.get_num_threads())
-            results = run_local_workers(worker_main, lambda i, d: (config, str(bundle_root), d, dtype, f"w{i}",
+            # the verifier's file as this process resolved it: a worker must find, never fetch, it
+            worker_config = dataclasses.replace(config, verifier_weights=verification.weights) \
+                if verification is not None else config
+            results = run_local_workers(worker_main, lambda i, d: (worker_config, str(bundle_root), d, dtype, f"w{i}",
                                                                    engine_hook, threads),
                                         devices, batches, progress.update, out)
         progress.close()
@@ -193,6 +208,9 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
     seconds = max((r.seconds for r in results), default=0.0)
     if not config.quiet:
         _summary(rank, results, written, seconds, out, plan, metadata, len(missing), share_missing, log)
+        if verification is not None:
+            for line in stats_lines(verification_stats(out, read_run_json(out))):
+                log(f"{_prefix(rank)}{line}")
     return RunResult(out, len(plan), len(done), written, seconds, saved is not None, metadata, len(missing),
                      share_missing == 0)
 
@@ -231,10 +249,12 @@ def wait_for_other_ranks(out: Path, plan: list, manifest: Manifest, rank: Rank, 
         time.sleep(max(poll, 2 * (time.monotonic() - checked)))
 
 
-def _sample_here(engine: Engine, config: RunConfig, batches: list, name: str, engine_hook, progress) -> WorkerResult:
+def _sample_here(engine: Engine, config: RunConfig, batches: list, name: str, engine_hook, progress,
+                 verification=None) -> WorkerResult:
     """Sample every batch in this process (one device, or one rank of a launcher)."""
     engine = engine_hook(engine, name) if engine_hook else engine
-    result = sample_batches(engine, Path(config.out), iter(batches), config, name, progress.update)
+    result = sample_batches(engine, Path(config.out), iter(batches), config, name, progress.update,
+                            verification=verification)
     if config.compile and not config.quiet and engine.first_batch_seconds is not None:
         progress.log(f"{progress.prefix}torch.compile: the first batch took {engine.first_batch_seconds:.1f} s "
                      "including compilation (not counted apart in images/s)")
@@ -280,7 +300,9 @@ def make_engine(config: RunConfig, bundle, text, device: str, dtype: str) -> Eng
 
 
 def _refuse_changed(out: Path, saved: dict, settings: dict) -> None:
-    changed = pixel_differences(saved["settings"], settings)
+    without = lambda d: {k: v for k, v in d.items() if k != "verify"}  # noqa: E731 - compared by its own rule
+    changed = pixel_differences(without(saved["settings"]), without(settings)) + \
+        differences(saved["settings"].get("verify"), settings.get("verify"))
     if changed:
         hint = ""
         if saved["settings"].get("dtype") not in (None, settings.get("dtype")):
@@ -344,8 +366,13 @@ def _summary(rank, results: list, written: int, seconds: float, out: Path, plan:
 
 
 def sample_batches(engine: Engine, out: Path, batches, config: RunConfig, name: str,
-                   on_done: Callable[[int], None], stop_check: Callable[[], bool] | None = None) -> WorkerResult:
-    """Run the batch loop of one worker, journaling into its own part file."""
+                   on_done: Callable[[int], None], stop_check: Callable[[], bool] | None = None,
+                   verification=None) -> WorkerResult:
+    """Run the batch loop of one worker, journaling into its own part file.
+
+    verification: the run's checked --verify settings (a worker process rebuilds them from the config and
+    run.json when None); the batches then hold cxrgen.runs.verify.Unit attempts instead of work items.
+    """
     spec = engine.bundle.spec
     common = {
         "steps": config.steps, "scheduler": config.scheduler, "height": spec.image_size[0],
@@ -359,7 +386,12 @@ def sample_batches(engine: Engine, out: Path, batches, config: RunConfig, name: 
     token_info = lambda prompt: dataclasses.asdict(engine.text.token_info(prompt))  # noqa: E731
     started = time.perf_counter()
     journal = Journal(out, name)
-    loop = BatchLoop(engine, out, journal, common, config.image_format, config.jpeg_quality, token_info, on_done)
+    if config.verify_labels:
+        from cxrgen.runs.verify_loop import verifying_loop
+
+        loop = verifying_loop(engine, out, journal, common, config, token_info, on_done, name, verification)
+    else:
+        loop = BatchLoop(engine, out, journal, common, config.image_format, config.jpeg_quality, token_info, on_done)
     try:
         with SignalGuard(stop_check) as guard:
             loop.run(batches, guard)
@@ -402,8 +434,9 @@ def worker_main(config: RunConfig, bundle_root: str, device: str, dtype: str, na
         raise
 
 
-def _run_json(config: RunConfig, manifest: Manifest, settings: dict, bundle, devices: list[str]) -> dict:
-    return {
+def _run_json(config: RunConfig, manifest: Manifest, settings: dict, bundle, devices: list[str],
+              verification: dict | None = None) -> dict:
+    data = {
         "cxrgen_version": __version__,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": config.to_dict(),
@@ -416,6 +449,9 @@ def _run_json(config: RunConfig, manifest: Manifest, settings: dict, bundle, dev
         "manifest": {"path": manifest.path, "sha256": manifest.sha256, "rows": len(manifest.rows)},
         "versions": _versions(),
     }
+    if verification is not None:  # the verifier's file and what the plan asks of it (status, card, gallery)
+        data["verification"] = verification
+    return data
 
 
 def _versions() -> dict:
@@ -438,7 +474,8 @@ def resume(out: str | Path, *, bundle_source: BundleSource | None = None, log: L
     if saved is None:
         raise InputError(f"{out} holds no cxrgen run (no run.json); check the folder, or if a `cxrgen generate` "
                          "into it was stopped before it started, run that same command again")
-    bad = sorted(set(overrides) & set(PIXEL_FIELDS) | {k for k in overrides if k in ("manifest", "out")})
+    bad = sorted(set(overrides) & (set(PIXEL_FIELDS) | set(VERIFY_FIELDS)) |
+                 {k for k in overrides if k in ("manifest", "out")})
     if bad:
         raise InputError(f"resume cannot change {', '.join(bad)}: they change the images; start a new run instead")
     data = dict(saved["config"], **{k: v for k, v in overrides.items() if v is not None}, out=str(out.resolve()))

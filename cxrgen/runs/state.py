@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from cxrgen.errors import InputError
@@ -20,6 +21,8 @@ from cxrgen.manifests.workitems import WorkItem
 from cxrgen.runs.card import CARD, write_run_card
 from cxrgen.runs.journal import read_record_table, read_records, write_metadata
 from cxrgen.runs.lock import MergeLock
+from cxrgen.runs.verify import ATTEMPTS_DIR, REJECTED_DIR, candidate_files, write_rejected_table
+from cxrgen.runs.verify_stats import verification_stats
 
 
 def read_run_json(out: Path) -> dict | None:
@@ -103,11 +106,13 @@ def done_items(out: Path, plan: list[WorkItem], verify: bool = False, records: d
 
 
 def temp_files(out: Path) -> list[Path]:
-    """Leftover temporary files of interrupted writes: images, and run.json or metadata.parquet in OUT."""
+    """Leftover temporary files of interrupted writes: images (and --verify's rejected attempts), and run.json or
+    metadata.parquet in OUT."""
     pattern = f".*{TMP_MARK}*"
-    images = out / "images"
     found = [p for p in out.glob(pattern) if p.is_file()]
-    return sorted(found + (list(images.rglob(pattern)) if images.is_dir() else []))
+    for folder in (out / "images", out / REJECTED_DIR):
+        found += list(folder.rglob(pattern)) if folder.is_dir() else []
+    return sorted(found)
 
 
 def _all_in_place(out: Path, plan: list[WorkItem], records: dict) -> bool:
@@ -129,6 +134,11 @@ def finalize(out: Path, plan: list[WorkItem], manifest: Manifest) -> Path | None
     # the plan's file names: the same as recorded, stated once by the plan
     table = table.set_column(table.schema.get_field_index("file_name"), "file_name",
                              pa.array([item.file_name for item in plan], pa.string()))
+    # records of a plain run (and of cxrgen before --verify) name no attempt: each is its image's first and only
+    position = table.schema.get_field_index("attempt")
+    table = table.set_column(position, "attempt", pc.fill_null(table.column("attempt"), 0))
+    if (out / ATTEMPTS_DIR).is_dir():
+        write_rejected_table(out)  # --keep-rejected's table: none unless a rejected attempt was kept on disk
     path = write_metadata(out, table, manifest.labels, [item.row for item in plan])
     write_run_card(out)  # the dataset card always describes the metadata.parquet beside it
     return path
@@ -165,6 +175,7 @@ class RunStatus:
     orphaned_files: list[str] = field(default_factory=list)  # image file with no record
     temp_files: list[str] = field(default_factory=list)
     finalized: bool = False  # metadata.parquet covers every planned image
+    verification: dict | None = None  # --verify's figures (cxrgen.runs.verify_stats), None for a plain run
 
     @property
     def remaining(self) -> int:
@@ -187,6 +198,8 @@ def inspect_run(out: str | Path, verify: bool = False) -> RunStatus:
     records = read_records(out, CHECK_FIELDS)
     by_file = {r.get("file_name"): r for r in records.values() if r.get("file_name")}
     recorded_files = set(by_file)
+    # --verify: an image's path holds its best attempt so far before the image is recorded
+    candidates = candidate_files(out) if "verify" in saved["settings"] else set()
     pairs = sorted(by_file.items())
     ok = {name for (name, _), good in zip(pairs, _check_files(out, pairs, verify)) if good}
     images = out / "images"
@@ -196,10 +209,11 @@ def inspect_run(out: str | Path, verify: bool = False) -> RunStatus:
     status = RunStatus(
         out=out, planned=int(saved["settings"]["planned_images"]), done=len(ok),
         missing_files=sorted(n for n in recorded_files if n and n not in ok),
-        orphaned_files=sorted(on_disk - recorded_files),
+        orphaned_files=sorted(on_disk - recorded_files - candidates),
         temp_files=[str(p.relative_to(out)) for p in temp_files(out)],
     )
     status.finalized = _metadata_rows(out) == status.planned and status.remaining == 0
+    status.verification = verification_stats(out, saved)
     return status
 
 
