@@ -123,6 +123,8 @@ class EvalResult:
                          f"{_fmt(f['agreement'])} ({f['n_pos']} pos, {f['n_neg']} neg)")
         if s["not_evaluated"]:
             lines.append(f"not evaluated: {', '.join(s['not_evaluated'])}")
+        if (s.get("verifier") or {}).get("is_evaluator"):
+            lines.append("note:      the evaluator is the run's --verify classifier: its adherence figures are circular")
         lines.append(f"report:    {self.report_path}")
         return lines
 
@@ -215,6 +217,7 @@ def evaluate_run(options: EvalOptions, *, weights_source: Source | None = None) 
         "n_flagged": {flag: sum(flag in f for f in flags) for flag in FLAGS},
         "n_accepted": sum(not f for f in flags), "min_score": options.min_score, "max_pairs": options.max_pairs,
         "planned_images": planned,
+        "verifier": _verifier(out, evaluator.sha256),
         "evaluator": {"release": RELEASE, "url": info["url"], "weights": str(evaluator.weights),
                       "sha256": evaluator.sha256, "device": str(evaluator.device),
                       "pathologies": evaluator.pathologies},
@@ -259,6 +262,17 @@ def _finished_run(out: Path) -> tuple[pa.Table, int]:
     if missing:
         raise InputError(f"{path} lacks column {missing[0]}; it was not written by cxrgen, so it cannot be evaluated")
     return table, planned
+
+
+def _verifier(out: Path, evaluator_sha256: str) -> dict | None:
+    """The classifier `cxrgen generate --verify` judged the run with, and whether it is this evaluator (then every
+    verified image passed these very weights, and the adherence figures say nothing new); None: not verified."""
+    block = (read_run_json(out) or {}).get("settings", {}).get("verify")
+    if block is None:
+        return None
+    return {"release": block.get("release"), "weights_file": block.get("weights_file"),
+            "sha256": block.get("weights_sha256"), "min_score": block.get("min_score"),
+            "is_evaluator": block.get("weights_sha256") == evaluator_sha256}
 
 
 def _real_files(real: str) -> tuple[list[Path], pa.Table | None]:
