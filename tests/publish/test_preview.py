@@ -21,6 +21,7 @@ import tiny_eval as te
 from helpers import (
     PROMPTS,
     assert_input_error,
+    make_verified_folder,
     preview,
 )
 from PIL import Image, ImageOps
@@ -206,3 +207,22 @@ def test_a_remake_at_another_size_that_stops_midway_leaves_no_mixed_thumbnails(r
     thumbs = sorted((run / "preview" / "thumbs").rglob("*.jpg"))
     assert {max(Image.open(p).size) for p in thumbs} == {128} and len(thumbs) == 7
     assert all(max(image["w"], image["h"]) == 128 for image in embedded(result.index)["images"])
+
+
+def test_the_gallery_carries_verify_figures_and_each_images_verdict(tmp_path):
+    out = make_verified_folder(tmp_path / "out")
+    data = embedded(build_preview(out).index)
+    figures = data["verification"]["findings"]["Pneumothorax"]
+    # the figures status and the card show: 2 planned, 1 verified, 0 of 2 first tries and 1 of 4 attempts accepted
+    assert (figures["planned"], figures["verified"], figures["attempts"]) == (2, 1, 4)
+    assert (figures["acceptance_first"], figures["acceptance"]) == (0.0, 0.25)
+    assert data["verification"]["rare"] == [] and data["verification"]["made"] == 5
+    column = data["params"].index("verified")
+    assert [image["p"][column] for image in data["images"]] == [True, False, None]
+    # a plain run has no figures
+    plain = make_verified_folder(tmp_path / "plain")
+    run = json.loads((plain / "run.json").read_text())
+    del run["settings"]["verify"]
+    (plain / "run.json").write_text(json.dumps(run))
+    assert embedded(build_preview(plain).index)["verification"] is None
+
