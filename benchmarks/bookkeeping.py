@@ -131,9 +131,10 @@ def build_run(root: Path, images: int) -> tuple:
 
     from cxrgen.files import file_check, write_json
     from cxrgen.manifests.workitems import load_plan
-    from cxrgen.runs.generate import _pixel_settings, _run_json, load_models
+    from cxrgen.runs.generate import _pixel_settings, load_models
     from cxrgen.runs.journal import Journal
     from cxrgen.runs.loop import make_record
+    from cxrgen.runs.record import run_record
 
     bundle, text_dir = models(root)
     cfg = config(root, manifest(root / "m.csv", images, ROWS_IMAGES), bundle, text_dir, device="cpu")
@@ -142,7 +143,7 @@ def build_run(root: Path, images: int) -> tuple:
     settings = _pixel_settings(cfg, m, plan, "float32", loaded.md5, text.fingerprint)
     out = Path(cfg.out)
     out.mkdir()
-    write_json(out / "run.json", _run_json(cfg, m, settings, loaded, ["cpu"]))
+    write_json(out / "run.json", run_record(cfg, m, settings, loaded, ["cpu"]))
     tiny = io.BytesIO()
     Image.fromarray(np.full((8, 8), 128, np.uint8)).save(tiny, format="JPEG", quality=95)
     data = tiny.getvalue()

@@ -46,14 +46,13 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import fake_model  # noqa: E402
 import numpy as np  # noqa: E402
+import throughput  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
-
-import fake_model  # noqa: E402
-import throughput  # noqa: E402
 
 CUDA_TESTS = ["tests/model/test_speed_options.py", "tests/model/test_cuda.py"]
 CHILD_FLAG = "--child"

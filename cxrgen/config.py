@@ -61,6 +61,15 @@ class RunConfig:
     quiet: bool = False  # no progress bar or summary
     verbose: bool = False  # let MONAI's and transformers' own log lines through, in worker processes too
     offline: bool = False  # never touch the network: models must be in cache_dir (`cxrgen download`) or folders
+    # --verify: every image whose row has a positive label is scored by a torchxrayvision classifier and made
+    # again, with the next attempt's seed, until each positive label reaches min_score (docs: "Verified generation")
+    verify_labels: bool = False
+    min_score: float = 0.5  # calibrated score a label must reach (0.5 = the release's operating point)
+    max_attempts: int = 8  # attempts per image at most; then the best one is kept with verified = false
+    verify_negatives: bool = False  # findings labelled 0 must also stay below min_score (all-negative rows too)
+    keep_rejected: bool = False  # write rejected attempts to OUT/rejected/ with their own metadata.parquet
+    verifier_weights: str = ""  # torchxrayvision release name or release file; "" = pins.VERIFIER_RELEASE
+    label_map: str = ""  # JSON file label column -> pathology, as `cxrgen evaluate --label-map`; "" = built-in map
 
     def __post_init__(self) -> None:
         for flag, value in (("MANIFEST", self.manifest), ("--out", self.out), ("--model", self.model),
@@ -81,6 +90,10 @@ class RunConfig:
         _check_range("seed", self.seed, 0, 2**63 - 1)
         if not (0 <= self.rank_wait <= 86_400):
             raise InputError(f"--rank-wait {self.rank_wait}: use a number of seconds from 0 to 86400")
+        if not (isinstance(self.min_score, (int, float)) and 0.0 <= self.min_score <= 1.0):
+            raise InputError(f"--min-score {self.min_score}: use a calibrated score from 0 to 1 (0.5 is the "
+                             "classifier's operating point)")
+        _check_range("max-attempts", self.max_attempts, 1, 1000)
         if not (0 <= self.guidance_scale <= 100):
             raise InputError(f"--guidance-scale {self.guidance_scale}: use a value between 0 and 100")
         devices = [d.strip() for d in self.device.split(",")]
@@ -99,6 +112,10 @@ class RunConfig:
         return cls(**{**LEGACY_DEFAULTS, **{k: v for k, v in data.items() if k in names}})
 
 
+# The --verify settings: they decide which attempt of an image is kept, so a resume must keep them too (the
+# run's verifier block in run.json, weights by sha256, is what is compared; see cxrgen.runs.verify).
+VERIFY_FIELDS = ("verify_labels", "min_score", "max_attempts", "verify_negatives", "keep_rejected",
+                 "verifier_weights", "label_map")
 # Settings that change which images exist or their pixels; a resume must match them exactly.
 PIXEL_FIELDS = (
     "prompt_column", "allow_empty_prompt", "model", "text_encoder", "num_images",
@@ -147,15 +164,16 @@ def with_absolute_paths(config: RunConfig) -> RunConfig:
     """The config with local paths made absolute, so a run is saved, compared and resumed from anywhere.
 
     --model and --text-encoder stay as typed when no such folder exists here: then they name a bundle
-    to download or a Hugging Face repo.
+    to download or a Hugging Face repo; --verifier-weights stays as typed when no such file exists (a release name).
     """
-    def absolute(value: str, always: bool = False) -> str:
+    def absolute(value: str, always: bool = False, file: bool = False) -> str:
         path = Path(value).expanduser()
-        return str(path.resolve()) if value and (always or path.is_dir()) else value
+        return str(path.resolve()) if value and (always or path.is_dir() or (file and path.is_file())) else value
 
     return dataclasses.replace(config, manifest=absolute(config.manifest, True), out=absolute(config.out, True),
                                model=absolute(config.model), text_encoder=absolute(config.text_encoder),
-                               cache_dir=absolute(config.cache_dir, True))
+                               cache_dir=absolute(config.cache_dir, True), label_map=absolute(config.label_map, True),
+                               verifier_weights=absolute(config.verifier_weights, file=True))
 
 
 def pixel_differences(saved: dict, current: dict) -> list[str]:

@@ -11,20 +11,23 @@ EXTRA_HINT = 'pip install "cxrgen[evaluate]"'
 EXTRA_MODULES = ("torchxrayvision", "torchmetrics", "sklearn", "matplotlib")
 
 
-def require_extra() -> None:
-    """Import the evaluate extra's modules, or say in one line which install command fixes it."""
-    problem = extra_problem()
+def require_extra(purpose: str = "cxrgen evaluate") -> None:
+    """Import the evaluate extra's modules, or say in one line which install command fixes it.
+
+    purpose: what needs them, as the message names it (`cxrgen evaluate`, `--verify`).
+    """
+    problem = extra_problem(purpose)
     if problem is not None:
         raise InputError(problem)
 
 
-def extra_problem() -> str | None:
+def extra_problem(purpose: str = "cxrgen evaluate") -> str | None:
     """Why the evaluate extra cannot be used, with the install command that fixes it; None when it imports."""
     for name in EXTRA_MODULES:
         try:
             import_quietly(name)
         except ImportError as exc:
-            return (f"cxrgen evaluate needs {name}, which is not installed ({exc}); install the evaluation extra "
+            return (f"{purpose} needs {name}, which is not installed ({exc}); install the evaluation extra "
                     f"with `{EXTRA_HINT}`")
         except Exception as exc:  # noqa: BLE001 - e.g. a torchvision built for another torch fails with RuntimeError
             return (f"cannot import {name} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); install the "

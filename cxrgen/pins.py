@@ -35,3 +35,13 @@ TEXT_ENCODER_FILES = ("tokenizer/merges.txt", "tokenizer/special_tokens_map.json
 EVALUATOR_RELEASE = "densenet121-res224-all"
 EVALUATOR_URL = ("https://github.com/mlmed/torchxrayvision/releases/download/v1/"
                  "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt")
+
+# The default verifier of `cxrgen generate --verify`: torchxrayvision's DenseNet-121 trained on CheXpert only.
+# The generator learned from MIMIC-CXR, so a judge that never saw MIMIC-CXR (the evaluator's release did) is the
+# more independent one; of the non-MIMIC releases, CheXpert's knows the most of the findings cxrgen's label tables
+# use (its labeler is MIMIC-CXR's: 11 findings, against NIH's 14 with no Lung Opacity, Lung Lesion, Fracture or
+# Enlarged Cardiomediastinum). It scores only its own training set's findings (torchxrayvision's model_urls
+# table names them; the other outputs are untrained): --verify checks only those.
+VERIFIER_RELEASE = "densenet121-res224-chex"
+VERIFIER_URL = ("https://github.com/mlmed/torchxrayvision/releases/download/v1/"
+                "chex-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt")

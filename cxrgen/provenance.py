@@ -27,6 +27,8 @@ def provenance_of(row: dict) -> dict:
     marker = {"synthetic": True, "notice": NOTICE, "generator": GENERATOR,
               "generator_version": row["cxrgen_version"]}
     marker.update((name, row[name]) for name in ROW_FIELDS)
+    if row.get("attempt"):  # a --verify retry: its seed is the attempt's (a first try's marker is a plain run's)
+        marker["attempt"] = row["attempt"]
     return marker
 
 

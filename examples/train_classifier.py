@@ -7,7 +7,8 @@ real + synthetic images, then compare per-finding AUROC on held-out real images.
 per finding holding 1, 0, -1 or blank (CheXpert / MIMIC-CXR-JPG style; -1 and blank count as 0 unless
 --uncertain ones). --synthetic is a finished `cxrgen generate` output folder; its label columns are the
 manifest's (from `cxrgen manifest from-labels`: one 0/1 column per finding). --only-accepted keeps only the
-images `cxrgen evaluate` accepted (OUT/quality/scores.parquet). Held out: --test TABLE, or a --holdout
+images `cxrgen evaluate` accepted (OUT/quality/scores.parquet); --only-verified only those `cxrgen generate
+--verify` confirmed (metadata column verified). Held out: --test TABLE, or a --holdout
 share of the real rows (by --group-column, e.g. a patient id, when given). No weights are downloaded unless
 you pass --pretrained (torchvision's ImageNet weights). Both settings start from the same seeded weights and
 train --epochs over their own training set; --max-steps caps each (equal steps: a fairer comparison).
@@ -55,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "findings present in the real table and the synthetic labels)")
     parser.add_argument("--uncertain", choices=("zeros", "ones"), default="zeros", help="-1 counts as 0 or 1")
     parser.add_argument("--only-accepted", action="store_true", help="only images cxrgen evaluate accepted")
+    parser.add_argument("--only-verified", action="store_true", help="only images cxrgen generate --verify confirmed")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--max-steps", type=int, default=0, help="stop each training after N steps (0: no limit)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -84,7 +86,7 @@ def read_real(table: Path, path_column: str, root: Path | None = None) -> pd.Dat
     return frame
 
 
-def load_synthetic(out: Path, only_accepted: bool = False, cache_dir: str | None = None):
+def load_synthetic(out: Path, only_accepted: bool = False, cache_dir: str | None = None, only_verified: bool = False):
     """A cxrgen output folder as a Hugging Face dataset: the images plus every metadata.parquet column.
 
     The folder's dataset card (OUT/README.md) pins its one `train` split, so `quality/`, `preview/` or an
@@ -103,6 +105,11 @@ def load_synthetic(out: Path, only_accepted: bool = False, cache_dir: str | None
         table = pd.read_parquet(scores, columns=["image_id", "accepted"])
         accepted = set(table.loc[table["accepted"].astype(bool), "image_id"])
         dataset = dataset.filter(lambda ids: [i in accepted for i in ids], input_columns="image_id", batched=True)
+    if only_verified:
+        if "verified" not in dataset.column_names or not any(v is not None for v in dataset["verified"]):
+            raise SystemExit(f"--only-verified: {out} was not made with `cxrgen generate --verify`")
+        # True: confirmed; False: every attempt was rejected (the best kept); None: the row had no positive label
+        dataset = dataset.filter(lambda flags: [v is True for v in flags], input_columns="verified", batched=True)
     return dataset
 
 
@@ -225,7 +232,8 @@ def main(argv=None) -> dict:
         train_real, test_real = real, read_real(args.test, args.path_column, args.image_root)
     else:
         train_real, test_real = split(real, args.holdout, args.group_column, args.seed)
-    synthetic = load_synthetic(args.synthetic, args.only_accepted, args.cache_dir) if args.synthetic else None
+    synthetic = load_synthetic(args.synthetic, args.only_accepted, args.cache_dir, args.only_verified) \
+        if args.synthetic else None
 
     real_columns = {normalize(c): c for c in real.columns}
     synthetic_columns = {normalize(c): c for c in synthetic.column_names} if synthetic is not None else None

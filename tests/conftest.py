@@ -26,6 +26,13 @@ def text_encoder_dir(tmp_path_factory) -> Path:
     return tiny.build_text_encoder(tmp_path_factory.mktemp("text") / "clip")
 
 
+@pytest.fixture(scope="session")
+def verifier_file(tmp_path_factory) -> Path:
+    """A random-weight DenseNet in torchxrayvision's release format, named as the default verifier's release file."""
+    import tiny_eval
+
+    return tiny_eval.save_verifier(tmp_path_factory.mktemp("verifier"))
+
 
 @pytest.fixture(autouse=True)
 def _hub_offline(monkeypatch):

@@ -43,13 +43,13 @@ SMALL_RUN_MANIFEST = ("id,prompt,Edema,view,num_images\n"
             "p4,Right lower lobe opacity,1,,1\n")
 
 
-def make_small_run(root: Path, bundle_dir: Path, text_encoder_dir: Path, image_format: str = "jpg") -> Path:
-    """A finished tiny run of SMALL_RUN_MANIFEST (5 images) in root/out."""
+def make_small_run(root: Path, bundle_dir: Path, text_encoder_dir: Path, image_format: str = "jpg", *extra) -> Path:
+    """A finished tiny run of SMALL_RUN_MANIFEST (5 images) in root/out; extra: more generate options."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "m.csv").write_text(SMALL_RUN_MANIFEST, encoding="utf-8")
     result = CliRunner().invoke(app, [str(a) for a in ("generate", root / "m.csv", "--out", root / "out", "--model", bundle_dir, "--text-encoder",
                     text_encoder_dir, "--steps", "1", "--cache-dir", root / "cache", "--image-format", image_format,
-                    "--quiet")])
+                    "--quiet", *extra)])
     assert result.exit_code == 0, result.output
     return root / "out"
 
@@ -126,3 +126,47 @@ def write_preview_manifest(path: Path) -> Path:
 
 RESUME_MANIFEST = "prompt,label\nbig heart,1\nsmall lung,0\nclear chest,1\n"
 PLANNED = 6  # 3 rows x 2 images, 3 batches of 2: "mid-batch" and "between batches" are different instants
+
+
+# ------------------------------------------------------------------ a verified run made directly (gallery)
+
+def make_verified_folder(out: Path) -> Path:
+    """A finished `--verify` run folder written directly, no model: 3 images, verified true / false / null.
+
+    img0 (Pneumothorax 1) was accepted at its second attempt, img1 (Pneumothorax 1) rejected twice (the best kept,
+    verified false), img2 (no positive label) made once, not verified; the journals say so, as a run writes them.
+    """
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    ids = ["img0_0000", "img1_0000", "img2_0000"]
+    names = [f"images/00000/{i:08d}.jpg" for i in range(3)]
+    for i, name in enumerate(names):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((16, 16), 40 + 60 * i, dtype=np.uint8)).save(out / name)
+    verified, attempts, scores = [True, False, None], [1, 0, 0], [0.7, 0.4, None]
+    pq.write_table(pa.table({"image_id": ids, "file_name": names, "prompt": ["left pneumothorax"] * 2 + ["clear"],
+                             "seed": [1, 2, 3], "attempt": pa.array(attempts, pa.int64()),
+                             "verified": pa.array(verified, pa.bool_()), "verify_score": pa.array(scores, pa.float64()),
+                             "Pneumothorax": [1, 1, 0]}), out / "metadata.parquet")
+    block = {"min_score": 0.5, "max_attempts": 2, "verify_negatives": False, "keep_rejected": False,
+             "release": "densenet121-res224-chex", "weights_file": "w.pt", "weights_sha256": "0" * 64,
+             "findings": {"Pneumothorax": "Pneumothorax"}}
+    run = {"config": {"out": str(out)}, "settings": {"planned_images": 3, "verify": block},
+           "verification": {"weights": "w.pt", "planned": {"Pneumothorax": 2}, "not_verified_images": 1,
+                            "unverified_columns": {}}}
+    (out / "run.json").write_text(json.dumps(run))
+    tried = [("img0_0000", 0, 0.3, False), ("img0_0000", 1, 0.7, True), ("img1_0000", 0, 0.4, False),
+             ("img1_0000", 1, 0.2, False)]
+    lines = [{"image_id": i, "attempt": j, "verify_score": s, "accepted": a, "positives": ["Pneumothorax"],
+              "passed": ["Pneumothorax"] if a else [], "scores": {"Pneumothorax": s}} for i, j, s, a in tried]
+    kept = [{"image_id": i, "file_name": n, "attempt": a, "verified": v} for i, n, a, v in
+            zip(ids, names, attempts, verified)]
+    for folder, records in ((".cxrgen/attempts", lines), (".cxrgen/records", kept)):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        (out / folder / "part-main.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return out

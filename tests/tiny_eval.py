@@ -62,6 +62,13 @@ def save_release(path: Path, seed: int = 0, model=None) -> Path:
     return path
 
 
+def save_verifier(folder: Path, release: str = "densenet121-res224-chex", seed: int = 0) -> Path:
+    """A random-weight model saved under the file name `release` publishes, as `--verifier-weights` takes it (the
+    name tells cxrgen which release, hence which outputs are trained and their calibration)."""
+    name = xrv.models.model_urls[release]["weights_url"].rsplit("/", 1)[-1]
+    return save_release(Path(folder) / name, seed)
+
+
 def radiograph(rng: np.random.Generator, size: int = 64, brighten: int = 0) -> np.ndarray:
     """A smooth, radiograph-like uint8 image: blurred noise plus a bright blob, never constant or saturated."""
     coarse = rng.random((8, 8))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -19,23 +19,30 @@ def download(
     = DEFAULT_TEXT_ENCODER,
     evaluator: Annotated[bool, typer.Option("--evaluator", help="Also the torchxrayvision weights of `cxrgen "
                                             "evaluate` (needs the evaluate extra).")] = False,
+    verifier: Annotated[bool, typer.Option("--verifier", help="Also the weights of `cxrgen generate --verify` "
+                                           "(densenet121-res224-chex; needs the evaluate extra).")] = False,
+    verifier_weights: Annotated[Optional[str], typer.Option(
+        "--verifier-weights", help="Stage this torchxrayvision DenseNet release for --verify instead of the "
+        "default (e.g. nih, pc, all).")] = None,
     cache_dir: CacheDir = None, quiet: Quiet = False, offline: Offline = False, verbose: Verbose = False,
 ) -> None:
-    """Stage the bundle and text encoder (and with --evaluator the evaluator's weights) in the cache, for offline use.
+    """Stage the bundle and text encoder (and with --evaluator / --verifier the classifiers' weights) in the cache,
+    for offline use.
 
     Fetches only the files a run reads, at pinned versions, verifies them (md5 of the checkpoints, sizes,
     sha256) and resumes a cut download. Safe to start on many ranks at once: one downloads, the others
     wait. With --offline it only reports what is there and what is missing. Exit codes: 0 everything is
     staged; 2 something could not be fetched (or, offline, is missing).
 
-    Example: cxrgen download --evaluator   (on a login node; then copy or share $CXRGEN_HOME)
+    Example: cxrgen download --evaluator --verifier   (on a login node; then copy or share $CXRGEN_HOME)
     """
     try:
         from cxrgen.hub.info import download as stage_all
 
         offline = stay_offline(offline, verbose)
         report = stage_all(cache_dir or default_cache_dir(os.environ), model, text_encoder, evaluator,
-                           offline=offline, progress=not quiet, log=lambda line: typer.echo(line, err=True))
+                           verifier=verifier_weights or ("" if verifier else None), offline=offline,
+                           progress=not quiet, log=lambda line: typer.echo(line, err=True))
     except CxrgenError as exc:
         fail(exc)
     if not quiet or report.problem():
@@ -50,6 +57,7 @@ def info(
     text_encoder: Annotated[str, typer.Option(help="Text encoder repo (REPO@REVISION) a run would use.")]
     = DEFAULT_TEXT_ENCODER,
     evaluator: Annotated[bool, typer.Option("--evaluator", help="Require the evaluator's weights too.")] = False,
+    verifier: Annotated[bool, typer.Option("--verifier", help="Require the default verifier's weights too.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     cache_dir: CacheDir = None, offline: Offline = False,
 ) -> None:
@@ -65,7 +73,8 @@ def info(
 
         from cxrgen.hub.info import cache_report
 
-        report = cache_report(cache_dir or default_cache_dir(os.environ), model, text_encoder, evaluator)
+        report = cache_report(cache_dir or default_cache_dir(os.environ), model, text_encoder, evaluator,
+                              "" if verifier else None)
     except CxrgenError as exc:
         fail(exc)
     typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else "\n".join(report.lines()))

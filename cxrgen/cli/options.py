@@ -80,6 +80,45 @@ Offline = Annotated[bool, typer.Option("--offline", help="Never touch the networ
                                        "must be staged with `cxrgen download` or given as folders.")]
 Verbose = Annotated[bool, typer.Option("--verbose", help="Let MONAI, transformers and huggingface_hub print their "
                                        "own log lines.")]
+# generate --verify and its settings (resume keeps the run's: they decide which attempt of an image is kept)
+Verify = Annotated[bool, typer.Option(
+    "--verify", help="Score every image whose row has a positive label with a torchxrayvision classifier (needs "
+    "the evaluate extra) and make it again with the next attempt's seed until each positive label reaches "
+    "--min-score; rows without one are made once, unverified.")]
+MinScore = Annotated[Optional[float], typer.Option(
+    "--min-score", help="With --verify: calibrated score every positive label must reach (0.5 = the classifier's "
+    "operating point), from 0 to 1. [default: 0.5]")]
+MaxAttempts = Annotated[Optional[int], typer.Option(
+    "--max-attempts", help="With --verify: attempts per image at most; when all are rejected the best one is kept "
+    "with verified = false. [default: 8]")]
+VerifyNegatives = Annotated[bool, typer.Option(
+    "--verify-negatives", help="With --verify: findings labelled 0 must also stay below --min-score (rows whose "
+    "labels are all 0 are verified too).")]
+KeepRejected = Annotated[bool, typer.Option(
+    "--keep-rejected", help="With --verify: write rejected attempts to OUT/rejected/ with their own "
+    "metadata.parquet (for studying failure modes).")]
+VerifierWeights = Annotated[Optional[str], typer.Option(
+    "--verifier-weights", help="With --verify: a torchxrayvision DenseNet release (chex, nih, pc, all, ...) or its "
+    "release file. Only the findings it was trained on are verified. [default: densenet121-res224-chex, trained "
+    "without MIMIC-CXR; stage it with `cxrgen download --verifier`]")]
+LabelMap = Annotated[Optional[Path], typer.Option(
+    "--label-map", help="With --verify: JSON object label column -> classifier pathology (as cxrgen evaluate's); "
+    "extends or overrides the built-in map.")]
+
+
+def verify_settings(verify: bool, min_score: float | None, max_attempts: int | None, verify_negatives: bool,
+                    keep_rejected: bool, verifier_weights: str | None, label_map: Path | None) -> dict:
+    """RunConfig's --verify fields; an option of --verify given without it is an input error, not ignored."""
+    from cxrgen.errors import InputError
+
+    values = {"min_score": min_score, "max_attempts": max_attempts, "verify_negatives": verify_negatives or None,
+              "keep_rejected": keep_rejected or None, "verifier_weights": verifier_weights,
+              "label_map": str(label_map) if label_map is not None else None}
+    given = {k: v for k, v in values.items() if v is not None}
+    if given and not verify:
+        raise InputError(f"{', '.join('--' + k.replace('_', '-') for k in given)} only apply with --verify; add "
+                         "--verify, or leave them out")
+    return {"verify_labels": verify, **given}
 
 
 def default_out(manifest: Path) -> Path:

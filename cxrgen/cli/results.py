@@ -122,6 +122,8 @@ def export(
                                             "500MB, 2GiB.")] = "1GB",
     accepted_only: Annotated[bool, typer.Option("--accepted-only", help="Only the images `cxrgen evaluate OUT` "
                                                 "accepted.")] = False,
+    verified_only: Annotated[bool, typer.Option("--verified-only", help="Only the images `cxrgen generate --verify` "
+                                                "verified (column verified is true).")] = False,
 ) -> None:
     """Export the images and metadata of OUT as WebDataset shards or as an imagefolder copy.
 
@@ -134,7 +136,7 @@ def export(
         from cxrgen.publish.export import ExportOptions, export_run, parse_size
 
         result = export_run(ExportOptions(out=str(out), to=str(to), format=format, shard_size=parse_size(shard_size),
-                                          accepted_only=accepted_only))
+                                          accepted_only=accepted_only, verified_only=verified_only))
     except CxrgenError as exc:
         fail(exc)
     what = f"{len(result.files)} shard(s)" if result.format == "webdataset" else "an imagefolder"

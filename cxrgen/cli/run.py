@@ -16,8 +16,12 @@ from cxrgen.cli.options import (
     DecodeBatch,
     Device,
     GuidanceScale,
+    KeepRejected,
+    LabelMap,
     ManifestArg,
     ManifestFormat,
+    MaxAttempts,
+    MinScore,
     NegativePrompt,
     NumImages,
     Offline,
@@ -28,6 +32,9 @@ from cxrgen.cli.options import (
     Shard,
     Shards,
     Verbose,
+    VerifierWeights,
+    Verify,
+    VerifyNegatives,
     Workers,
     default_out,
     exit_for,
@@ -36,6 +43,7 @@ from cxrgen.cli.options import (
     local,
     stay_offline,
     this_share,
+    verify_settings,
 )
 from cxrgen.config import RunConfig, default_cache_dir
 from cxrgen.errors import CxrgenError
@@ -73,13 +81,18 @@ def generate(
     batch_size: BatchSize = 0, decode_batch_size: DecodeBatch = 0, device: Device = "auto",
     workers: Workers = 1, channels_last: ChannelsLast = False, compile: Compile = False,
     cache_dir: CacheDir = None, shard: Shard = None, shards: Shards = None, rank_wait: RankWait = None,
+    verify: Verify = False, min_score: MinScore = None, max_attempts: MaxAttempts = None,
+    verify_negatives: VerifyNegatives = False, keep_rejected: KeepRejected = False,
+    verifier_weights: VerifierWeights = None, label_map: LabelMap = None,
     quiet: Quiet = False, offline: Offline = False, verbose: Verbose = False,
 ) -> None:
     """Generate one image per (row, sample) of MANIFEST into OUT, with metadata.parquet and run.json.
 
-    Running it again with the same manifest and settings resumes an interrupted run. Exit codes: 0 the run
-    is complete; 1 it failed (resumable); 2 bad input, nothing written; 3 this rank's share is done but
-    other ranks stopped with images left (resume); 130/143 stopped by SIGINT/SIGTERM (resumable).
+    Running it again with the same manifest and settings resumes an interrupted run. With --verify, an image
+    whose row has positive labels is made again (next attempt's seed) until a classifier confirms each of them.
+    Exit codes: 0 the run is complete; 1 it failed (resumable); 2 bad input, nothing written; 3 this rank's
+    share is done but other ranks stopped with images left (resume); 130/143 stopped by SIGINT/SIGTERM
+    (resumable).
 
     Example: cxrgen generate manifests/demo.csv --out demo_out --steps 50 --batch-size 8
     """
@@ -98,6 +111,8 @@ def generate(
             jpeg_quality=jpeg_quality, file_names=file_names, workers=workers, quiet=quiet, verbose=verbose,
             offline=stay_offline(offline, verbose),
             **({} if rank_wait is None else {"rank_wait": rank_wait}),
+            **verify_settings(verify, min_score, max_attempts, verify_negatives, keep_rejected, verifier_weights,
+                              label_map),
         )
         share = this_share(shard, shards, Path(config.out))
         result = run_generate(config, rank=share)
@@ -189,6 +204,11 @@ def status(
                          ("files with no record", report.orphaned_files), ("temporary files", report.temp_files)):
         if names:
             typer.echo(f"{label}: {len(names)} (e.g. {names[0]})")
+    if report.verification is not None:
+        from cxrgen.runs.verify_stats import stats_lines
+
+        for line in stats_lines(report.verification):
+            typer.echo(line)
     if not report.complete:
         typer.echo(f"resume with: {resume_command(report.out)}")
         raise typer.Exit(1)
@@ -236,6 +256,13 @@ def plan(
     shards: Annotated[Optional[int], typer.Option("--shards", hidden=True, help=_IGNORED)] = None,
     rank_wait: Annotated[Optional[float], typer.Option("--rank-wait", hidden=True, help=_IGNORED)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", hidden=True, help=_IGNORED)] = False,
+    verify: Annotated[bool, typer.Option("--verify", hidden=True, help=_IGNORED)] = False,
+    min_score: Annotated[Optional[float], typer.Option("--min-score", hidden=True, help=_IGNORED)] = None,
+    max_attempts: Annotated[Optional[int], typer.Option("--max-attempts", hidden=True, help=_IGNORED)] = None,
+    verify_negatives: Annotated[bool, typer.Option("--verify-negatives", hidden=True, help=_IGNORED)] = False,
+    keep_rejected: Annotated[bool, typer.Option("--keep-rejected", hidden=True, help=_IGNORED)] = False,
+    verifier_weights: Annotated[Optional[str], typer.Option("--verifier-weights", hidden=True, help=_IGNORED)] = None,
+    label_map: Annotated[Optional[Path], typer.Option("--label-map", hidden=True, help=_IGNORED)] = None,
 ) -> None:
     """Dry run of generate: rows, images, images per label value, truncated and duplicate prompts, and a run-time
     estimate. Takes generate's options; writes nothing, loads no model, needs no torch.

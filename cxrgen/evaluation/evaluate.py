@@ -17,7 +17,6 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,7 @@ from cxrgen.model.classifier import (
     resolve_weights,
 )
 from cxrgen.runs.journal import EVAL_DIR, METADATA_SCHEMA
+from cxrgen.runs.record import library_versions
 from cxrgen.runs.state import read_run_json
 
 FLAGS = ("unreadable", "blank", "saturated", "label_missing")
@@ -127,6 +127,8 @@ class EvalResult:
                          f"{_fmt(f['agreement'])} ({f['n_pos']} pos, {f['n_neg']} neg)")
         if s["not_evaluated"]:
             lines.append(f"not evaluated: {', '.join(s['not_evaluated'])}")
+        if (s.get("verifier") or {}).get("is_evaluator"):
+            lines.append("note:      the evaluator is the run's --verify classifier: its adherence figures are circular")
         lines.append(f"report:    {self.report_path}")
         return lines
 
@@ -221,10 +223,11 @@ def evaluate_run(options: EvalOptions, *, weights_source: Source | None = None) 
         "n_flagged": {flag: sum(flag in f for f in flags) for flag in FLAGS},
         "n_accepted": sum(not f for f in flags), "min_score": options.min_score, "max_pairs": options.max_pairs,
         "planned_images": planned,
+        "verifier": _verifier(out, evaluator.sha256),
         "evaluator": {"release": RELEASE, "url": info["url"], "weights": str(evaluator.weights),
                       "sha256": evaluator.sha256, "device": str(evaluator.device),
                       "pathologies": evaluator.pathologies},
-        "versions": _versions(), "seconds": round(time.monotonic() - started, 3),
+        "versions": library_versions(("torch", "torchvision", "torchxrayvision", "torchmetrics", "scikit-learn", "numpy", "matplotlib"), cxrgen=__version__), "seconds": round(time.monotonic() - started, 3),
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
 
@@ -270,6 +273,17 @@ def _finished_run(out: Path) -> tuple[pa.Table, int]:
     if missing:
         raise InputError(f"{path} lacks column {missing[0]}; it was not written by cxrgen, so it cannot be evaluated")
     return table, planned
+
+
+def _verifier(out: Path, evaluator_sha256: str) -> dict | None:
+    """The classifier `cxrgen generate --verify` judged the run with, and whether it is this evaluator (then every
+    verified image passed these very weights, and the adherence figures say nothing new); None: not verified."""
+    block = (read_run_json(out) or {}).get("settings", {}).get("verify")
+    if block is None:
+        return None
+    return {"release": block.get("release"), "weights_file": block.get("weights_file"),
+            "sha256": block.get("weights_sha256"), "min_score": block.get("min_score"),
+            "is_evaluator": block.get("weights_sha256") == evaluator_sha256}
 
 
 def _real_files(real: str) -> tuple[list[Path], pa.Table | None]:
@@ -464,13 +478,3 @@ def _safe_write(path: Path, data: bytes) -> None:
         atomic_write(path, data)
     except RunError as exc:
         raise RunError(f"{str(exc).split(';')[0]}; fix the problem, then run cxrgen evaluate again") from None
-
-
-def _versions() -> dict:
-    versions = {"cxrgen": __version__}
-    for name in ("torch", "torchvision", "torchxrayvision", "torchmetrics", "scikit-learn", "numpy", "matplotlib"):
-        try:
-            versions[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions

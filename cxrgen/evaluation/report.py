@@ -90,11 +90,28 @@ def _fmt(value, digits: int = 4) -> str:
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
+def _verifier_note(s: dict) -> list[str]:
+    """What the report must say about a run made with `cxrgen generate --verify`."""
+    v = s.get("verifier")
+    if v is None:
+        return []
+    if v["is_evaluator"]:
+        return [f"**The evaluator is the verifier.** This run was made with `cxrgen generate --verify` judged by these "
+                f"very weights (`{v['weights_file']}`, sha256 `{v['sha256'][:16]}...`, threshold {v['min_score']:g}): "
+                "every verified image already passed this classifier, so the label adherence below is circular, not "
+                "evidence. Evaluate with weights trained on other data (the default `densenet121-res224-all`, or "
+                "`--evaluator-weights FILE`) for an independent figure.", ""]
+    return [f"This run was made with `cxrgen generate --verify`, judged by other weights than this evaluation's "
+            f"(`{v['release']}`, `{v['weights_file']}`, sha256 `{v['sha256'][:16]}...`, threshold "
+            f"{v['min_score']:g}); the label adherence below is that of a second classifier.", ""]
+
+
 def _markdown(s: dict, finding_plots: dict, has_ms_ssim_plot: bool) -> str:
     # every name from the manifest or the label map is escaped (cxrgen.markdown): viewers render HTML too
     lines = ["# Evaluation of a cxrgen run", "", f"Run: {md_code(s['out'])}. {s['n_images']} images, "
              f"{s['n_accepted']} accepted. Classifier: torchxrayvision {md_code(s['evaluator']['release'])} "
              f"(weights sha256 `{s['evaluator']['sha256'][:16]}...`). Research use only.", ""]
+    lines += _verifier_note(s)
     # 1. fidelity
     lines += ["## Fidelity (against real images)", ""]
     if s["n_real"] is None:

@@ -112,6 +112,22 @@ def evaluator_component(url: str, cache_dir: str | Path) -> Component:
                      _command(cache_dir, "--evaluator"))
 
 
+def verifier_component(url: str, cache_dir: str | Path, release: str) -> Component:
+    """The torchxrayvision release file `cxrgen generate --verify` judges with, in verifiers/<release>/.
+
+    The evaluator's own release is its component (one file, one download); every other release has a folder
+    of its own, since a component's verified record covers exactly its folder's files.
+    """
+    from cxrgen.pins import EVALUATOR_URL, VERIFIER_RELEASE
+
+    if url == EVALUATOR_URL:
+        return evaluator_component(url, cache_dir)
+    cache_dir = Path(cache_dir).expanduser()
+    option = ("--verifier",) if release == VERIFIER_RELEASE else ("--verifier-weights", release)
+    return Component("verifier weights", url, cache_dir / "verifiers" / release, url, "release",
+                     (url.rsplit("/", 1)[-1],), _command(cache_dir, *option))
+
+
 # ------------------------------------------------------------------------------------------ checking
 
 

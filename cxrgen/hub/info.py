@@ -17,9 +17,18 @@ from cxrgen.hub.download import (
     read_marker,
     stage,
     text_encoder_component,
+    verifier_component,
 )
 from cxrgen.hub.sources import Source
-from cxrgen.pins import DEFAULT_MODEL, DEFAULT_TEXT_ENCODER, EVALUATOR_URL
+from cxrgen.pins import (
+    DEFAULT_MODEL,
+    DEFAULT_TEXT_ENCODER,
+    EVALUATOR_URL,
+    VERIFIER_RELEASE,
+    VERIFIER_URL,
+)
+
+_DENSENET_PREFIX = "densenet121-res224-"
 
 
 @dataclass
@@ -100,22 +109,43 @@ class CacheReport:
 
 
 def download(cache_dir: str | Path, model: str = DEFAULT_MODEL, text_encoder: str = DEFAULT_TEXT_ENCODER,
-             evaluator: bool = False, *, source: Source | None = None, offline: bool = False, progress: bool = True,
-             log=None) -> CacheReport:
-    """Stage what a run needs (and the evaluator's weights if asked), then report the cache; offline: report only."""
+             evaluator: bool = False, *, verifier: str | None = None, source: Source | None = None,
+             offline: bool = False, progress: bool = True, log=None) -> CacheReport:
+    """Stage what a run needs (and the evaluator's or a verifier's weights if asked), then report the cache;
+    offline: report only. verifier: a torchxrayvision release name ("" = the pinned default), or None."""
     _refuse_urls(cache_dir, model, text_encoder)
     if evaluator:
         require_extra()  # says which install command adds torchxrayvision
+    if verifier is not None:
+        require_extra("--verify")  # the weights are of no use without it
     if not offline:
-        report = cache_report(cache_dir, model, text_encoder, evaluator)
+        report = cache_report(cache_dir, model, text_encoder, evaluator, verifier)
         for component in report.components:
             stage(component.component, source, progress=progress, log=log)
-    return cache_report(cache_dir, model, text_encoder, evaluator)
+    return cache_report(cache_dir, model, text_encoder, evaluator, verifier)
+
+
+def verifier_release(cache_dir: str | Path, release: str = "") -> Component:
+    """The component of a verifier release ("" = the pinned default; others read torchxrayvision's table)."""
+    release = release or VERIFIER_RELEASE
+    if release == VERIFIER_RELEASE:
+        return verifier_component(VERIFIER_URL, cache_dir, release)
+    from cxrgen.extras import import_quietly
+
+    table = import_quietly("torchxrayvision").models.model_urls
+    name = next((n for n in (release, _DENSENET_PREFIX + release) if n in table and n.startswith(_DENSENET_PREFIX)),
+                None)
+    if name is None:
+        names = sorted(n[len(_DENSENET_PREFIX):] for n in table if n.startswith(_DENSENET_PREFIX))
+        raise InputError(f"--verifier-weights {release}: no torchxrayvision DenseNet release of that name; use one "
+                         f"of {', '.join(names)} (files need no staging: pass them to generate as they are)")
+    return verifier_component(table[name]["weights_url"], cache_dir, name)
 
 
 def cache_report(cache_dir: str | Path, model: str = DEFAULT_MODEL, text_encoder: str = DEFAULT_TEXT_ENCODER,
-                 evaluator: bool = False) -> CacheReport:
-    """Check the cache for the bundle and text encoder a run with these options needs (and the evaluator's weights)."""
+                 evaluator: bool = False, verifier: str | None = None) -> CacheReport:
+    """Check the cache for the bundle and text encoder a run with these options needs (and the evaluator's or a
+    verifier's weights, where asked)."""
     _refuse_urls(cache_dir, model, text_encoder)
     cache_dir = Path(cache_dir).expanduser().resolve()
     components, notes = [], []
@@ -127,17 +157,25 @@ def cache_report(cache_dir: str | Path, model: str = DEFAULT_MODEL, text_encoder
             components.append(make(value, cache_dir))
     if evaluator or (cache_dir / "torchxrayvision").is_dir():
         components.append(evaluator_component(EVALUATOR_URL, cache_dir))
+    asked_verifier = verifier_release(cache_dir, verifier) if verifier is not None else None
+    default_verifier = verifier_component(VERIFIER_URL, cache_dir, VERIFIER_RELEASE)
+    if asked_verifier is not None and asked_verifier not in components:
+        components.append(asked_verifier)
+    elif asked_verifier is None and default_verifier.folder.is_dir():
+        components.append(default_verifier)
     reports = []
     for component in components:
         marker = read_marker(component) or {}
         reports.append(ComponentReport(component, check(component, deep=True), marker.get("source"),
                                        marker.get("revision")))
     # weights found in the cache but not asked about are shown, not required
-    required = [r for r in reports if evaluator or r.component.kind != "evaluator weights"]
+    wanted = {"evaluator weights": evaluator, "verifier weights": asked_verifier is not None}
+    required = [r for r in reports if wanted.get(r.component.kind, True)
+                or r.component == asked_verifier]
     optional = [r for r in reports if r not in required]
     # `cxrgen evaluate` needs the extra as much as the weights: exit 0 must mean it can run
     return CacheReport(cache_dir, required, optional, notes, _others(cache_dir, components),
-                       extra_problem() if evaluator else None)
+                       extra_problem() if evaluator else extra_problem("--verify") if verifier is not None else None)
 
 
 def _refuse_urls(cache_dir, model: str, text_encoder: str) -> None:

@@ -39,6 +39,19 @@ def derive_seed(base_seed: int, row_key: str, sample_index: int) -> int:
     return int.from_bytes(hashlib.sha256(text).digest()[:8], "big") >> 1
 
 
+def attempt_seed(image_seed: int, attempt: int) -> int:
+    """The documented seed of attempt `attempt` of an image whose seed is `image_seed` (`cxrgen generate --verify`).
+
+    Attempt 0 is the image's own seed, so a verified run's first tries are a plain run's images; attempt j > 0
+    takes the first 63 bits of sha256("cxrgen-attempt:<image seed>:<j>"). A pure function of the two numbers:
+    the same whatever the batch, worker, rank, shard or resume that makes the attempt.
+    """
+    if attempt == 0:
+        return image_seed
+    text = f"cxrgen-attempt:{image_seed}:{attempt}".encode("utf-8")
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big") >> 1
+
+
 def row_key(row: Row) -> str:
     """A row's identity for seeding: its id when the manifest has one, else its row number."""
     return f"id={row.row_id}" if row.row_id is not None else f"row={row.number}"

@@ -1,8 +1,9 @@
-"""The chest X-ray classifier of `cxrgen evaluate`: torchxrayvision's DenseNet-121 `densenet121-res224-all`.
+"""The chest X-ray classifier of `cxrgen evaluate` and `cxrgen generate --verify`: torchxrayvision's DenseNet-121.
 
-Finds or downloads its release file, loads it without running code from the file (an allow-list of
-classes), preprocesses images exactly as torchxrayvision expects, and returns the 1024-d `features2`
-vector and the 18 calibrated pathology scores of each image from one forward pass.
+Finds or downloads a release file (the evaluator's `densenet121-res224-all`, the verifier's default
+`densenet121-res224-chex`, or another torchxrayvision DenseNet release), loads it without running code from the
+file (an allow-list of classes), preprocesses images exactly as torchxrayvision expects, and returns the 1024-d
+`features2` vector and the calibrated scores of the pathologies the release was trained on, from one forward pass.
 """
 from __future__ import annotations
 
@@ -20,18 +21,24 @@ from cxrgen.errors import InputError, first_line
 from cxrgen.extras import import_quietly
 from cxrgen.files import file_digest
 from cxrgen.hub.sources import Source
-from cxrgen.pins import EVALUATOR_RELEASE
+from cxrgen.pins import EVALUATOR_RELEASE, VERIFIER_RELEASE
 
 RELEASE = EVALUATOR_RELEASE  # torchxrayvision's name of the weights trained on every dataset
 INPUT_SIZE = 224  # the release's input_resolution
 FEATURES = 1024  # width of DenseNet-121's features2 output
+DENSENET_PREFIX = "densenet121-res224-"  # torchxrayvision's DenseNet-121 releases at 224 px (the others differ)
+
+
 def _xrv():
     return import_quietly("torchxrayvision")
 
 
-def release_info() -> dict:
-    """URL, file name, pathology labels and op_threshs calibration of the release, as torchxrayvision lists them."""
-    entry = _xrv().models.model_urls[RELEASE]
+def release_info(release: str = RELEASE) -> dict:
+    """URL, file name, pathology labels and op_threshs calibration of a release, as torchxrayvision lists them.
+
+    Labels are "" where the release's output is untrained (a pathology outside its training set).
+    """
+    entry = _xrv().models.model_urls[release]
     url = entry["weights_url"]
     return {"url": url, "file_name": url.rsplit("/", 1)[-1], "labels": list(entry["labels"]),
             "op_threshs": list(entry["op_threshs"])}
@@ -44,12 +51,7 @@ def resolve_weights(weights: str | Path | None, cache_dir: str | Path, source: S
     The fetch is `cxrgen download --evaluator`'s: through a resumable .part file, under the cache's lock (many
     evaluations started at once download once), recorded as verified.
     """
-    from cxrgen.hub.download import (
-        Unavailable,
-        evaluator_component,
-        offline_error,
-        stage,
-    )
+    from cxrgen.hub.download import evaluator_component
 
     if weights is not None:
         path = Path(weights).expanduser()
@@ -58,17 +60,66 @@ def resolve_weights(weights: str | Path | None, cache_dir: str | Path, source: S
                              "release file (.pt)")
         return path.resolve()
     info = release_info()
-    component = evaluator_component(info["url"], cache_dir)
+    return _fetch(evaluator_component(info["url"], cache_dir), info, source, offline, progress,
+                  "evaluator weights", "--evaluator-weights FILE")
+
+
+def releases() -> list[str]:
+    """torchxrayvision's DenseNet-121 releases at 224 px (densenet121-res224-*), the ones cxrgen can load."""
+    return sorted(name for name in _xrv().models.model_urls if name.startswith(DENSENET_PREFIX))
+
+
+def release_of_file(path: Path) -> str | None:
+    """The DenseNet release whose published file name `path` carries; None for any other name."""
+    return next((name for name in releases() if release_info(name)["file_name"] == Path(path).name), None)
+
+
+def resolve_verifier(weights: str, cache_dir: str | Path, source: Source | None = None, *, offline: bool = False,
+                     progress: bool = True) -> tuple[str, Path]:
+    """(release, weight file) of --verifier-weights: "" for the pinned default, a release name (its file fetched
+    once into $CXRGEN_HOME/verifiers/<release>/, as `cxrgen download --verifier` stages it) or a file.
+
+    A file is known by the name its release publishes it under (the name says which pathologies its outputs
+    were trained on and how they are calibrated); a renamed file is refused rather than guessed at.
+    """
+    from cxrgen.hub.download import verifier_component
+
+    value = str(weights or VERIFIER_RELEASE)
+    known = releases()
+    name = next((n for n in (value, DENSENET_PREFIX + value) if n in known), None)
+    if name is not None:
+        info = release_info(name)
+        return name, _fetch(verifier_component(info["url"], cache_dir, name), info, source, offline, progress,
+                            "verifier weights", "--verifier-weights FILE")
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise InputError(f"--verifier-weights {value}: no such file and no torchxrayvision release of that name; give "
+                         f"a release ({', '.join(n[len(DENSENET_PREFIX):] for n in known)}, with or without the "
+                         f"{DENSENET_PREFIX} prefix) or a release file (.pt)")
+    release = release_of_file(path)
+    if release is None:
+        example = release_info(VERIFIER_RELEASE)["file_name"]
+        raise InputError(f"--verifier-weights {value}: cannot tell which torchxrayvision release this file is (its "
+                         f"name is none of theirs, e.g. {example}); keep the file name its release publishes, or "
+                         "give the release's name instead of the file")
+    return release, path.resolve()
+
+
+def _fetch(component, info: dict, source: Source | None, offline: bool, progress: bool, what: str,
+           flag: str) -> Path:
+    """The component's release file, staged (fetched once, under the cache's lock) unless already there."""
+    from cxrgen.hub.download import Unavailable, offline_error, stage
+
     dest = component.folder / info["file_name"]
-    if dest.is_file():  # staged by `cxrgen download --evaluator`, or placed there by hand
+    if dest.is_file():  # staged by `cxrgen download`, or placed there by hand
         return dest.resolve()
     if offline:
         raise offline_error(component)
     try:
         stage(component, source, progress=progress)
     except Unavailable as exc:  # offline, HTTP error, proxy: all end in the same advice
-        raise InputError(f"cannot download the evaluator weights {info['url']} ({exc.reasons}); download that file "
-                         f"on a connected machine and place it at {dest}, or pass --evaluator-weights FILE") from None
+        raise InputError(f"cannot download the {what} {info['url']} ({exc.reasons}); download that file "
+                         f"on a connected machine and place it at {dest}, or pass {flag}") from None
     return dest.resolve()
 
 
@@ -97,13 +148,14 @@ def _unpickling_reason(exc: BaseException) -> str:
     return (useful[0] if useful else type(exc).__name__)[:200]
 
 
-def _read_weights(path: Path, unsafe_pickle: bool):
+def _read_weights(path: Path, unsafe_pickle: bool, release: str = RELEASE,
+                  unsafe_hint: str = "--evaluator-unsafe-pickle loads it as torchxrayvision itself does"):
     """What the file holds: torch.load(weights_only=True) under the allow-list, or plain torch.load if asked."""
     if unsafe_pickle:  # the user's explicit choice: runs code from the file, as torchxrayvision's own loader does
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # noqa: BLE001 - any unpickling failure means: not a usable model file
-            raise InputError(f"{path} is not a torchxrayvision model file ({first_line(exc, with_type=True, limit=160)}); give the {RELEASE} "
+            raise InputError(f"{path} is not a torchxrayvision model file ({first_line(exc, with_type=True, limit=160)}); give the {release} "
                              "release file") from None
     try:
         with torch.serialization.safe_globals(allowed_classes()):
@@ -113,12 +165,11 @@ def _read_weights(path: Path, unsafe_pickle: bool):
         if match:
             raise InputError(f"{path} refers to {match.group(1)}, which is not on cxrgen's allow-list of "
                              "torch/torchvision/torchxrayvision classes, so it was not loaded; if you trust the file, "
-                             "--evaluator-unsafe-pickle loads it as torchxrayvision itself does (this runs code from "
-                             "the file)") from None
+                             f"{unsafe_hint} (this runs code from the file)") from None
         raise InputError(f"{path} is not a torchxrayvision model file ({_unpickling_reason(exc)}); give the "
-                         f"{RELEASE} release file") from None
+                         f"{release} release file") from None
     except Exception as exc:  # noqa: BLE001 - truncated zip, text file, wrong magic number
-        raise InputError(f"{path} is not a torchxrayvision model file ({first_line(exc, with_type=True, limit=160)}); give the {RELEASE} "
+        raise InputError(f"{path} is not a torchxrayvision model file ({first_line(exc, with_type=True, limit=160)}); give the {release} "
                          "release file") from None
 
 
@@ -149,11 +200,15 @@ class Evaluator:
         return features.float().cpu().numpy(), scores[:, self.columns].float().cpu().numpy()
 
 
-def load_evaluator(weights: Path, device: str = "cpu", unsafe_pickle: bool = False) -> Evaluator:
-    """Build torchxrayvision's DenseNet and load the weight file into it after checking every key and shape."""
+def load_evaluator(weights: Path, device: str = "cpu", unsafe_pickle: bool = False, release: str = RELEASE,
+                   unsafe_hint: str | None = None) -> Evaluator:
+    """Build torchxrayvision's DenseNet and load the weight file into it after checking every key and shape.
+
+    release: the torchxrayvision release the file is (its calibration and which outputs are trained).
+    """
     xrv = _xrv()
-    info = release_info()
-    loaded = _read_weights(weights, unsafe_pickle)
+    info = release_info(release)
+    loaded = _read_weights(weights, unsafe_pickle, release, *([unsafe_hint] if unsafe_hint else []))
     # Everything the file holds is untrusted here too: a module that contains itself (state_dict() recurses
     # without end) or whose state_dict is not a method must end in the one-line refusal, not a traceback.
     try:
@@ -163,9 +218,9 @@ def load_evaluator(weights: Path, device: str = "cpu", unsafe_pickle: bool = Fal
         state = dict(state) if tensors else None
     except Exception as exc:  # noqa: BLE001 - RecursionError, TypeError, ...: not a usable model
         raise InputError(f"{weights} holds a {type(loaded).__name__} whose weights cannot be read "
-                         f"({first_line(exc, with_type=True, limit=160)}); give the {RELEASE} release file") from None
+                         f"({first_line(exc, with_type=True, limit=160)}); give the {release} release file") from None
     if state is None:
-        raise InputError(f"{weights} holds a {type(loaded).__name__}, not a torchxrayvision model; give the {RELEASE} "
+        raise InputError(f"{weights} holds a {type(loaded).__name__}, not a torchxrayvision model; give the {release} "
                          "release file")
     # torchxrayvision itself sets the calibration from its table after loading; a saved copy is ignored.
     state.pop("op_threshs", None)
@@ -173,18 +228,18 @@ def load_evaluator(weights: Path, device: str = "cpu", unsafe_pickle: bool = Fal
     expected = model.state_dict()
     for key, tensor in expected.items():
         if key not in state:
-            raise InputError(f"{weights} is not a torchxrayvision {RELEASE} model: it lacks {key}; give the release "
+            raise InputError(f"{weights} is not a torchxrayvision {release} model: it lacks {key}; give the release "
                              "file or one saved in its format")
         if tuple(state[key].shape) != tuple(tensor.shape):
-            raise InputError(f"{weights} is not a torchxrayvision {RELEASE} model: {key} has shape "
+            raise InputError(f"{weights} is not a torchxrayvision {release} model: {key} has shape "
                              f"{tuple(state[key].shape)}, expected {tuple(tensor.shape)}")
     extra = sorted(set(state) - set(expected))
     if extra:
-        raise InputError(f"{weights} is not a torchxrayvision {RELEASE} model: unexpected entry {extra[0]}")
+        raise InputError(f"{weights} is not a torchxrayvision {release} model: unexpected entry {extra[0]}")
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError) as exc:  # e.g. a tensor of a dtype that cannot be copied into the network
-        raise InputError(f"{weights} is not a torchxrayvision {RELEASE} model: "
+        raise InputError(f"{weights} is not a torchxrayvision {release} model: "
                          f"{first_line(exc, with_type=True, limit=160)}") from None
     torch_device = torch.device(device)
     model = model.eval().requires_grad_(False).to(torch_device)

@@ -55,6 +55,7 @@ class ExportOptions:
     format: str = "webdataset"  # "webdataset" or "imagefolder"
     shard_size: int = DEFAULT_SHARD_SIZE  # webdataset: bytes per shard at most (a bigger single sample gets its own)
     accepted_only: bool = False  # only images `cxrgen evaluate` accepted
+    verified_only: bool = False  # only images `cxrgen generate --verify` confirmed (metadata column verified)
 
     def __post_init__(self) -> None:
         refuse_url(self.out, "OUT")
@@ -98,6 +99,8 @@ def export_run(options: ExportOptions) -> ExportResult:
     total = table.num_rows
     for name in table.column("file_name").to_pylist():
         inside(out, name)  # never pack, nor link to, a file outside the run
+    if options.verified_only:
+        table = table.filter(_verified(out, table))
     if options.accepted_only:
         table = table.filter(pc.is_in(table.column("image_id"), value_set=_accepted_ids(out, table)))
     if options.format == "webdataset":
@@ -109,7 +112,7 @@ def export_run(options: ExportOptions) -> ExportResult:
         if options.format == "webdataset":
             names, copied = _write_shards(out, table, staging, options.shard_size), 0
         else:
-            names, copied = _write_imagefolder(out, table, staging, run, options.accepted_only, total)
+            names, copied = _write_imagefolder(out, table, staging, run, _kept_what(options, table.num_rows, total))
         fsync_dir(staging)
         if to.is_dir():
             to.rmdir()  # empty (checked above): the rename needs the name free on every system
@@ -129,6 +132,21 @@ def _check_target(out: Path, to: Path) -> None:
         raise InputError(f"--to {to} is inside the run folder {out}; choose a folder outside it")
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise InputError(f"--to {to} already exists and is not an empty folder; choose a new folder or remove it")
+
+
+def _verified(out: Path, table: pa.Table) -> pa.Array:
+    """The mask of images --verify confirmed: verified is true (false: every attempt failed; null: not verified)."""
+    if "verified" not in table.column_names or table.column("verified").null_count == table.num_rows:
+        raise InputError(f"--verified-only needs a run made with `cxrgen generate --verify`, and {out} was not (its "
+                         "metadata.parquet verifies no image); generate with --verify, or export without the option")
+    return pc.fill_null(pc.equal(table.column("verified"), True), False)
+
+
+def _kept_what(options: ExportOptions, kept: int, total: int) -> str:
+    """The card's words for what the export holds."""
+    filters = [name for name, on in (("`cxrgen generate --verify` verified", options.verified_only),
+                                     ("`cxrgen evaluate` accepted", options.accepted_only)) if on]
+    return f"the {kept} of {total} images {' and '.join(filters)}" if filters else f"all {total} images"
 
 
 def _accepted_ids(out: Path, table: pa.Table) -> pa.Array:
@@ -239,8 +257,7 @@ def _close_shard(tar, handle) -> None:
         handle.close()
 
 
-def _write_imagefolder(out: Path, table: pa.Table, folder: Path, run: dict, accepted_only: bool,
-                       total: int) -> tuple[list[str], int]:
+def _write_imagefolder(out: Path, table: pa.Table, folder: Path, run: dict, what: str) -> tuple[list[str], int]:
     """images/ hard-linked (copied across file systems), the filtered metadata.parquet, and its own card."""
     copied = 0
     for name in table.column("file_name").to_pylist():
@@ -254,7 +271,5 @@ def _write_imagefolder(out: Path, table: pa.Table, folder: Path, run: dict, acce
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer)
     atomic_write(folder / "metadata.parquet", buffer.getvalue().to_pybytes())
-    what = f"the {table.num_rows} of {total} images `cxrgen evaluate` accepted" if accepted_only else \
-        f"all {total} images"
     write_card(folder, table, run, note=f"Exported by `cxrgen export` from the run {out}: {what}.")
     return ["metadata.parquet", "README.md"], copied

@@ -32,6 +32,8 @@ from cxrgen.files import (
     write_json,
 )
 from cxrgen.runs.journal import EVAL_DIR, METADATA_SCHEMA
+from cxrgen.runs.state import read_run_json
+from cxrgen.runs.verify_stats import verification_stats
 
 PREVIEW_DIR = "preview"
 THUMBS_DIR = "thumbs"
@@ -95,12 +97,23 @@ def build_preview(out: Path | str, *, thumb_size: int = 128, per_sheet: int = 10
     # 4. the gallery page, with every string embedded as JSON (never as HTML)
     labels = [name for name in table.column_names if name not in METADATA_SCHEMA.names]
     data = _gallery_data(out, rows, labels, scores, thumbs, sizes, group_of, list(groups), sheets, thumb_size)
+    data["verification"] = _verification(out)
     index = folder / "index.html"
     atomic_write(index, render_html(data).encode("utf-8"))
     return PreviewResult(index=index, images=len(rows), prompts=len(groups), sheets=sheets,
                          thumbs_made=sum(1 for size in made.values() if size), thumbs_kept=len(rows) - len(made),
                          unreadable=[rows[i]["image_id"] for i, size in enumerate(sizes) if size is None],
                          evaluated=scores is not None)
+
+
+def _verification(out: Path) -> dict | None:
+    """--verify's per-finding figures, as `cxrgen status` and the card show them; None for a plain run (or a folder
+    whose run.json is not cxrgen's: the gallery needs only metadata.parquet)."""
+    try:
+        run = read_run_json(out)
+    except InputError:
+        return None
+    return verification_stats(out, run) if run is not None else None
 
 
 def _check_options(thumb_size: int, per_sheet: int, columns: int) -> None:

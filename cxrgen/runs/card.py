@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from cxrgen.files import atomic_write
 from cxrgen.markdown import md_code, md_text
 from cxrgen.runs.journal import METADATA_SCHEMA
+from cxrgen.runs.verify_stats import card_section, verification_stats
 
 CARD = "README.md"
 _TOP_VALUES = 20  # label values listed per column; the rest are summed as "other"
@@ -27,25 +28,27 @@ def write_run_card(out: Path) -> Path:
     """Write OUT/README.md from OUT/metadata.parquet and OUT/run.json (a run merged before the card existed)."""
     out = Path(out)
     run = json.loads((out / "run.json").read_text(encoding="utf-8"))
-    return write_card(out, pq.read_table(out / "metadata.parquet"), run)
+    return write_card(out, pq.read_table(out / "metadata.parquet"), run, verification=verification_stats(out, run))
 
 
-def write_card(folder: Path, table: pa.Table, run: dict, note: str = "") -> Path:
+def write_card(folder: Path, table: pa.Table, run: dict, note: str = "", verification: dict | None = None) -> Path:
     """Write folder/README.md describing `table` (a metadata.parquet) of the run `run` (its run.json)."""
     path = Path(folder) / CARD
-    atomic_write(path, card_text(table, run, note).encode("utf-8"))
+    atomic_write(path, card_text(table, run, note, verification).encode("utf-8"))
     return path
 
 
-def card_text(table: pa.Table, run: dict, note: str = "") -> str:
-    """The card's Markdown: front matter, counts, labels, settings, model and terms, loading, citation.
+def card_text(table: pa.Table, run: dict, note: str = "", verification: dict | None = None) -> str:
+    """The card's Markdown: front matter, counts, labels, (--verify's figures), settings, model and terms, loading,
+    citation.
 
     Every string that comes from the manifest, the run or the bundle is escaped (cxrgen.markdown): the Hub
     renders the card, HTML included.
     """
     image_format = run["config"]["image_format"]
     bundle = _bundle_facts(run)
-    parts = [front_matter(image_format), _intro(table, run, note), _labels(table), _settings(table, run),
+    parts = [front_matter(image_format), _intro(table, run, note), _labels(table),
+             *([card_section(verification)] if verification is not None else []), _settings(table, run),
              _model(table, bundle), _loading(), _provenance(image_format), _citation(bundle)]
     return "\n".join(parts)
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import platform
 import signal
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +18,7 @@ from cxrgen import __version__
 from cxrgen.config import (
     LEGACY_DEFAULTS,
     PIXEL_FIELDS,
+    VERIFY_FIELDS,
     RunConfig,
     pixel_differences,
     with_absolute_paths,
@@ -42,7 +41,10 @@ from cxrgen.runs.lock import (
     unlocked_warning,
 )
 from cxrgen.runs.loop import BatchLoop, SignalGuard, batches_of, sized_batches
+from cxrgen.runs.record import run_record
 from cxrgen.runs.state import done_items, finalize_once, metadata_rows, read_run_json
+from cxrgen.runs.verify import differences, plan_work, prepare
+from cxrgen.runs.verify_stats import stats_lines, verification_stats
 from cxrgen.runs.workers import (
     CHUNK,
     Rank,
@@ -83,11 +85,13 @@ def _stderr(message: str) -> None:
 
 
 def _pixel_settings(config: RunConfig, manifest: Manifest, plan: list, dtype: str, md5: dict,
-                    text_encoder_fingerprint: str | None) -> dict:
+                    text_encoder_fingerprint: str | None, verification=None) -> dict:
     """Everything that decides which images exist and their pixels; compared on resume."""
     settings = {name: getattr(config, name) for name in PIXEL_FIELDS if name != "model"}
     settings.update(manifest_sha256=manifest.sha256, planned_images=len(plan), dtype=dtype, checkpoint_md5=md5,
                     text_encoder_fingerprint=text_encoder_fingerprint)
+    if verification is not None:  # a plain run's settings stay as they were before --verify existed
+        settings["verify"] = verification.block()
     return settings
 
 
@@ -129,9 +133,11 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
     # GPU run resumed on the CPU (float32 there; precision.run_dtypes says why)
     dtype, sample_dtype = run_dtypes(config.dtype, resolved, saved["settings"].get("dtype") if saved else None,
                                      saved.get("resolved", {}).get("devices", ()) if saved else ())
+    verification = prepare(config, manifest, log=None if config.quiet or saved or (rank and rank.rank) else log) \
+        if config.verify_labels else None
     if saved is not None:
         _refuse_changed(out, saved, _pixel_settings(config, manifest, plan, dtype, saved["settings"]["checkpoint_md5"],
-                                                    saved["settings"].get("text_encoder_fingerprint")))
+                                                    saved["settings"].get("text_encoder_fingerprint"), verification))
         _check_split(saved, rank)
     with contextlib.ExitStack() as held:
         rank_lock = None
@@ -146,7 +152,7 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
         if sole:
             use_device(resolved[0])  # this process's GPU before anything lands on one (else GPU 0)
         bundle, text = load_models(config, bundle_root, devices[0] if sole else "cpu")
-        settings = _pixel_settings(config, manifest, plan, dtype, bundle.md5, text.fingerprint)
+        settings = _pixel_settings(config, manifest, plan, dtype, bundle.md5, text.fingerprint, verification)
         # 3. claim the folder (ranks share it); record the run, or compare with the recorded one again:
         # another run may have started in this folder while the models loaded
         folder_lock = held.enter_context(FolderLock(state, shared=rank is not None))
@@ -157,7 +163,8 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
                 folder_lock.clear_holder()
             recorded = read_run_json(out)
             if recorded is None:
-                write_json(out / "run.json", _run_json(config, manifest, settings, bundle, devices, rank))
+                write_json(out / "run.json", run_record(config, manifest, settings, bundle, devices, rank,
+                                                       verification.describe(plan) if verification else None))
             else:
                 _refuse_changed(out, recorded, settings)
                 _check_split(recorded, rank)
@@ -167,6 +174,9 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
         mine = rank_share(plan, rank) if rank else plan
         done = done_items(out, mine, verify=config.verify)
         todo = [i for i in mine if i.image_id not in done]
+        if verification is not None:  # attempts instead of images; verdicts journaled by a killed run settle now
+            todo, settled = plan_work(out, todo, verification, _worker_name(rank, 0))
+            done |= settled
         # remaking lost or damaged images of a merged run: the merged rows describe their older records
         remakes = bool(todo) and metadata_rows(out) == len(plan)
         if (done or (saved is not None and rank is None)) and not config.quiet:
@@ -181,14 +191,18 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
         if sole:
             engine = make_engine(config, bundle, text, devices[0], sample_dtype)
             batches = batches_of(todo, fixed) if fixed else sized_batches(todo, lambda: engine.batch_size)
-            results = [_sample_here(engine, config, batches, _worker_name(rank, 0), engine_hook, progress)]
+            results = [_sample_here(engine, config, batches, _worker_name(rank, 0), engine_hook, progress,
+                                    verification)]
         else:
             del bundle, text  # each worker loads its own copy on its device
             threads = cpu_threads_per_worker(devices, torch.get_num_threads())
             # without a fixed size, the queue holds chunks and each worker gathers its own batch, at most its
             # share of the work so that a small run still spreads over every GPU
             gather = 0 if fixed else -(-len(todo) // len(devices))
-            results = run_local_workers(worker_main, lambda i, d: (config, str(bundle_root), d, sample_dtype,
+            # the verifier's file as this process resolved it: a worker must find, never fetch, it
+            worker_config = dataclasses.replace(config, verifier_weights=verification.weights) \
+                if verification is not None else config
+            results = run_local_workers(worker_main, lambda i, d: (worker_config, str(bundle_root), d, sample_dtype,
                                                                    f"w{i}", engine_hook, threads, gather),
                                         devices, list(batches_of(todo, fixed or CHUNK)), progress.update, out,
                                         ahead=2 if fixed else 2 * MAX_AUTO_BATCH // CHUNK)
@@ -208,6 +222,9 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
     seconds = max((r.seconds for r in results), default=0.0)
     if not config.quiet:
         _summary(rank, results, written, seconds, out, plan, metadata, len(missing), share_missing, log)
+        if verification is not None:
+            for line in stats_lines(verification_stats(out, read_run_json(out))):
+                log(f"{_prefix(rank)}{line}")
     return RunResult(out, len(plan), len(done), written, seconds, saved is not None, metadata, len(missing),
                      share_missing == 0)
 
@@ -246,10 +263,12 @@ def wait_for_other_ranks(out: Path, plan: list, manifest: Manifest, rank: Rank, 
         time.sleep(max(poll, 2 * (time.monotonic() - checked)))
 
 
-def _sample_here(engine: Engine, config: RunConfig, batches: list, name: str, engine_hook, progress) -> WorkerResult:
+def _sample_here(engine: Engine, config: RunConfig, batches: list, name: str, engine_hook, progress,
+                 verification=None) -> WorkerResult:
     """Sample every batch in this process (one device, or one rank of a launcher)."""
     engine = engine_hook(engine, name) if engine_hook else engine
-    result = sample_batches(engine, Path(config.out), iter(batches), config, name, progress.update)
+    result = sample_batches(engine, Path(config.out), iter(batches), config, name, progress.update,
+                            verification=verification)
     if config.compile and not config.quiet and engine.first_batch_seconds is not None:
         progress.log(f"{progress.prefix}torch.compile: the first batch took {engine.first_batch_seconds:.1f} s "
                      "including compilation (not counted apart in images/s)")
@@ -293,7 +312,9 @@ def make_engine(config: RunConfig, bundle, text, device: str, dtype: str) -> Eng
 
 
 def _refuse_changed(out: Path, saved: dict, settings: dict) -> None:
-    changed = pixel_differences(saved["settings"], settings)
+    without = lambda d: {k: v for k, v in d.items() if k != "verify"}  # noqa: E731 - compared by its own rule
+    changed = pixel_differences(without(saved["settings"]), without(settings)) + \
+        differences(saved["settings"].get("verify"), settings.get("verify"))
     if changed:
         hint = ""
         if saved["settings"].get("dtype") not in (None, settings.get("dtype")):
@@ -367,8 +388,13 @@ def _summary(rank, results: list, written: int, seconds: float, out: Path, plan:
 
 
 def sample_batches(engine: Engine, out: Path, batches, config: RunConfig, name: str,
-                   on_done: Callable[[int], None], stop_check: Callable[[], bool] | None = None) -> WorkerResult:
-    """Run the batch loop of one worker, journaling into its own part file."""
+                   on_done: Callable[[int], None], stop_check: Callable[[], bool] | None = None,
+                   verification=None) -> WorkerResult:
+    """Run the batch loop of one worker, journaling into its own part file.
+
+    verification: the run's checked --verify settings (a worker process rebuilds them from the config and
+    run.json when None); the batches then hold cxrgen.runs.verify.Unit attempts instead of work items.
+    """
     spec = engine.bundle.spec
     common = {
         "steps": config.steps, "scheduler": config.scheduler, "height": spec.image_size[0],
@@ -382,7 +408,12 @@ def sample_batches(engine: Engine, out: Path, batches, config: RunConfig, name: 
     token_info = lambda prompt: dataclasses.asdict(engine.text.token_info(prompt))  # noqa: E731
     started = time.perf_counter()
     journal = Journal(out, name)
-    loop = BatchLoop(engine, out, journal, common, config.image_format, config.jpeg_quality, token_info, on_done)
+    if config.verify_labels:
+        from cxrgen.runs.verify_loop import verifying_loop
+
+        loop = verifying_loop(engine, out, journal, common, config, token_info, on_done, name, verification)
+    else:
+        loop = BatchLoop(engine, out, journal, common, config.image_format, config.jpeg_quality, token_info, on_done)
     try:
         with SignalGuard(stop_check) as guard:
             loop.run(batches, guard)
@@ -430,37 +461,6 @@ def worker_main(config: RunConfig, bundle_root: str, device: str, dtype: str, na
         raise
 
 
-def _run_json(config: RunConfig, manifest: Manifest, settings: dict, bundle, devices: list[str],
-              rank: Rank | None = None) -> dict:
-    return {
-        "cxrgen_version": __version__,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": config.to_dict(),
-        "settings": settings,
-        "resolved": {
-            "devices": devices, "bundle_root": str(bundle.spec.root), "model_name": bundle.spec.name,
-            "model_version": bundle.spec.version, "height": bundle.spec.image_size[0],
-            "width": bundle.spec.image_size[1], "latent_shape": list(bundle.spec.latent_shape),
-        },
-        "manifest": {"path": manifest.path, "sha256": manifest.sha256, "rows": len(manifest.rows)},
-        "versions": _versions(),
-        # an array job's split (count, and how task numbers map to shards): reruns of a task keep their shard
-        "shards": rank.split if rank is not None and rank.shard is not None else None,
-    }
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"python": platform.python_version()}
-    for name in ("torch", "monai", "transformers", "pyarrow", "pandas", "pillow", "numpy"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
-
-
 def resume(out: str | Path, *, bundle_source: BundleSource | None = None, log: Log = _stderr,
            rank: Rank | None = None, engine_hook: Callable | None = None, **overrides) -> RunResult:
     """Finish the run saved in OUT; overrides may change only settings that do not change pixels."""
@@ -469,7 +469,8 @@ def resume(out: str | Path, *, bundle_source: BundleSource | None = None, log: L
     if saved is None:
         raise InputError(f"{out} holds no cxrgen run (no run.json); check the folder, or if a `cxrgen generate` "
                          "into it was stopped before it started, run that same command again")
-    bad = sorted(set(overrides) & set(PIXEL_FIELDS) | {k for k in overrides if k in ("manifest", "out")})
+    bad = sorted(set(overrides) & (set(PIXEL_FIELDS) | set(VERIFY_FIELDS)) |
+                 {k for k in overrides if k in ("manifest", "out")})
     if bad:
         raise InputError(f"resume cannot change {', '.join(bad)}: they change the images; start a new run instead")
     data = dict(saved["config"], **{k: v for k, v in overrides.items() if v is not None}, out=str(out.resolve()))

@@ -27,14 +27,20 @@ METADATA_SCHEMA = pa.schema([
     ("device_type", pa.string()), ("cxrgen_version", pa.string()), ("token_count", pa.int64()),
     ("truncated", pa.bool_()), ("created_at", pa.string()), ("worker", pa.string()),
     ("text_encoder_fingerprint", pa.string()),
+    # `cxrgen generate --verify`: which attempt the file is (0 in a plain run), whether the verifier confirmed every
+    # positive label (null: not verified), and the lowest calibrated score among them
+    ("attempt", pa.int64()), ("verified", pa.bool_()), ("verify_score", pa.float64()),
 ])
 
 
 class Journal:
-    """Append-only JSON-lines file of finished images, one per writer process; fsynced per batch."""
+    """Append-only JSON-lines file of finished images, one per writer process; fsynced per batch.
 
-    def __init__(self, out: Path, writer: str):
-        self.path = out / RECORDS_DIR / f"part-{writer}.jsonl"
+    folder: another journal of the run in the same format (the attempts journal of --verify).
+    """
+
+    def __init__(self, out: Path, writer: str, folder: str = RECORDS_DIR):
+        self.path = out / folder / f"part-{writer}.jsonl"
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Unbuffered: a failed write must not leave bytes in a buffer that a later flush or close writes.
@@ -151,7 +157,8 @@ def _read_part(part: Path):
 
 
 _FIELD_TYPES = {"image_id": pa.string(), "file_name": pa.string(), "file_bytes": pa.int64(),
-                "file_crc32": pa.int64(), "created_at": pa.string()}
+                "file_crc32": pa.int64(), "created_at": pa.string(), "attempt": pa.int64(), "verified": pa.bool_(),
+                "verify_score": pa.float64()}
 
 
 def _arrow_part(part: Path, schema: pa.Schema) -> pa.Table | None:

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from cxrgen.errors import InputError
@@ -25,6 +26,13 @@ from cxrgen.runs.journal import (
     write_metadata,
 )
 from cxrgen.runs.lock import MergeLock
+from cxrgen.runs.verify import (
+    ATTEMPTS_DIR,
+    REJECTED_DIR,
+    candidate_files,
+    write_rejected_table,
+)
+from cxrgen.runs.verify_stats import verification_stats
 
 
 def read_run_json(out: Path) -> dict | None:
@@ -114,11 +122,13 @@ def done_items(out: Path, plan: list[WorkItem], verify: bool = False, records: d
 
 
 def temp_files(out: Path) -> list[Path]:
-    """Leftover temporary files of interrupted writes: images, and run.json or metadata.parquet in OUT."""
+    """Leftover temporary files of interrupted writes: images (and --verify's rejected attempts), and run.json or
+    metadata.parquet in OUT."""
     pattern = f".*{TMP_MARK}*"
-    images = out / "images"
     found = [p for p in out.glob(pattern) if p.is_file()]
-    return sorted(found + (list(images.rglob(pattern)) if images.is_dir() else []))
+    for folder in (out / "images", out / REJECTED_DIR):
+        found += list(folder.rglob(pattern)) if folder.is_dir() else []
+    return sorted(found)
 
 
 def _all_in_place(out: Path, plan: list[WorkItem], records: dict) -> bool:
@@ -144,8 +154,15 @@ def finalize(out: Path, plan: list[WorkItem], manifest: Manifest) -> Path | None
     # the plan's file names: the same as recorded, stated once by the plan
     table = table.set_column(table.schema.get_field_index("file_name"), "file_name",
                              pa.array([item.file_name for item in plan], pa.string()))
+    # records of a plain run (and of cxrgen before --verify) name no attempt: each is its image's first and only
+    position = table.schema.get_field_index("attempt")
+    table = table.set_column(position, "attempt", pc.fill_null(table.column("attempt"), 0))
+    if (out / ATTEMPTS_DIR).is_dir():
+        write_rejected_table(out)  # --keep-rejected's table: none unless a rejected attempt was kept on disk
     table = metadata_table(table, manifest.labels, [item.row for item in plan])
-    write_card(out, table, read_run_json(out))  # the dataset card describes the metadata.parquet beside it
+    run = read_run_json(out)
+    # the dataset card describes the metadata.parquet beside it
+    write_card(out, table, run, verification=verification_stats(out, run))
     return write_metadata(out, table)
 
 
@@ -186,6 +203,7 @@ class RunStatus:
     finalized: bool = False  # metadata.parquet covers every planned image and the dataset card is beside it
     metadata_rows: int = -1  # rows of metadata.parquet; -1 when it is absent or unreadable
     card: bool = False  # OUT/README.md exists
+    verification: dict | None = None  # --verify's figures (cxrgen.runs.verify_stats), None for a plain run
 
     @property
     def remaining(self) -> int:
@@ -208,6 +226,8 @@ def inspect_run(out: str | Path, verify: bool = False) -> RunStatus:
     records = read_records(out, CHECK_FIELDS)
     by_file = {r.get("file_name"): r for r in records.values() if r.get("file_name")}
     recorded_files = set(by_file)
+    # --verify: an image's path holds its best attempt so far before the image is recorded
+    candidates = candidate_files(out) if "verify" in saved["settings"] else set()
     pairs = sorted(by_file.items())
     ok = {name for (name, _), good in zip(pairs, _check_files(out, pairs, verify)) if good}
     images = out / "images"
@@ -217,11 +237,12 @@ def inspect_run(out: str | Path, verify: bool = False) -> RunStatus:
     status = RunStatus(
         out=out, planned=int(saved["settings"]["planned_images"]), done=len(ok),
         missing_files=sorted(n for n in recorded_files if n and n not in ok),
-        orphaned_files=sorted(on_disk - recorded_files),
+        orphaned_files=sorted(on_disk - recorded_files - candidates),
         temp_files=[str(p.relative_to(out)) for p in temp_files(out)],
     )
     status.metadata_rows, status.card = metadata_rows(out), (out / CARD).is_file()
     status.finalized = status.metadata_rows == status.planned and status.remaining == 0 and status.card
+    status.verification = verification_stats(out, saved)
     return status
 
 

@@ -334,6 +334,37 @@ def test_a_real_generated_run_is_evaluated_and_its_own_columns_are_not_labels(tm
     assert {p: p.read_bytes() for p in before} == before
 
 
+def test_evaluating_with_the_verifiers_own_weights_says_so_and_gives_its_scores(tmp_path, bundle_dir,
+                                                                                text_encoder_dir, weights, home):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("prompt,Pleural Effusion,Cardiomegaly\nbig effusion,1,0\nbig heart,0,1\nclear lungs,0,0\n")
+    out = tmp_path / "run"
+    # verified by the evaluator's own release file: every first try passes --min-score 0 and records its score
+    made = runner.invoke(app, ["generate", str(manifest), "--out", str(out), "--model", str(bundle_dir),
+                               "--text-encoder", str(text_encoder_dir), "--steps", "1", "--num-images", "2", "--quiet",
+                               "--cache-dir", str(home), "--verify", "--min-score", "0", "--verifier-weights",
+                               str(weights)])
+    assert made.exit_code == 0, made.output
+    assert evaluate(out, "--quiet", "--max-pairs", "0", weights=weights).exit_code == 0
+    s = summary_of(out)
+    assert s["verifier"]["is_evaluator"] is True and s["verifier"]["release"] == "densenet121-res224-all"
+    assert "**The evaluator is the verifier.**" in (out / "quality" / "report.md").read_text()
+    # the same weights score each file as the verifier did, from the same decoded pixels
+    meta = pd.read_parquet(out / "metadata.parquet").merge(pd.read_parquet(out / "quality" / "scores.parquet"),
+                                                          on="image_id")
+    for column, pathology in (("Pleural Effusion", "Effusion"), ("Cardiomegaly", "Cardiomegaly")):
+        rows = meta[meta[column] == 1]
+        assert len(rows) == 2 and rows.verified.all()
+        np.testing.assert_allclose(rows.verify_score, rows[f"xrv_{pathology}"], atol=1e-4)
+    assert meta[(meta["Pleural Effusion"] == 0) & (meta.Cardiomegaly == 0)].verified.isna().all()
+    # other weights: the report says the run was judged by another classifier, not that it is circular
+    other = te.save_release(tmp_path / "other" / te.RELEASE_FILE, seed=1)
+    assert evaluate(out, "--quiet", "--max-pairs", "0", weights=other).exit_code == 0
+    assert summary_of(out)["verifier"]["is_evaluator"] is False
+    report = (out / "quality" / "report.md").read_text()
+    assert "judged by other weights" in report and "The evaluator is the verifier" not in report
+
+
 # ------------------------------------------------------------------ 3. real tables, weights, extras
 
 def test_real_table_with_paths_labels_and_an_unreadable_file(tmp_path, weights, home):

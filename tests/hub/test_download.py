@@ -218,6 +218,38 @@ def test_info_on_an_empty_then_a_full_cache(tmp_path, hub, bundle_dir, text_enco
     assert CliRunner().invoke(app, ["info", "--cache-dir", str(cache)]).exit_code == 1
 
 
+def test_the_verifier_is_staged_once_and_an_offline_verified_run_finds_it(tmp_path, hub, bundle_dir, text_encoder_dir,
+                                                                         verifier_file):
+    cache = tmp_path / "cache"
+    hub.add_url(cxrgen.pins.VERIFIER_URL, verifier_file)
+    # what `cxrgen download --verifier` stages (bundle and text encoder are folders here: used in place)
+    folders = (str(bundle_dir), str(text_encoder_dir))
+    report = download(cache, *folders, verifier="", source=hub, progress=False)
+    assert report.complete and [c.component.kind for c in report.components] == ["verifier weights"]
+    staged = cache / "verifiers" / "densenet121-res224-chex" / cxrgen.pins.VERIFIER_URL.rsplit("/", 1)[-1]
+    assert staged.read_bytes() == verifier_file.read_bytes() and is_staged(report.components[0].component)
+    download(cache, *folders, verifier="", source=hub, progress=False)
+    assert len(hub.calls("open")) == 1  # staged once
+    info = CliRunner().invoke(app, ["info", "--verifier", "--model", folders[0], "--text-encoder", folders[1],
+                                    "--cache-dir", str(cache)])
+    assert info.exit_code == 0, info.output
+    # an offline --verify run takes the staged default without being told where it is
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("prompt,Pneumothorax\nleft pneumothorax,1\n")
+    result = CliRunner().invoke(app, ["generate", str(manifest), "-o", str(tmp_path / "out"), "--model", folders[0],
+                                      "--text-encoder", folders[1], "--steps", "1", "--cache-dir", str(cache), "--quiet",
+                                      "--offline", "--verify", "--min-score", "0"])
+    assert result.exit_code == 0, result.output
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["verification"]["weights"] == str(staged.resolve())
+    assert run["settings"]["verify"]["weights_sha256"] == hashlib.sha256(staged.read_bytes()).hexdigest()
+    # another release is named by its own download command when it is missing offline
+    result = CliRunner().invoke(app, ["generate", str(manifest), "-o", str(tmp_path / "nih"), "--model", folders[0],
+                                      "--text-encoder", folders[1], "--steps", "1", "--cache-dir", str(cache),
+                                      "--offline", "--verify", "--verifier-weights", "nih"])
+    assert_input_error(result, "cxrgen download --verifier-weights densenet121-res224-nih")
+
+
 def test_offline_names_the_missing_file_and_the_download_command(tmp_path, hub):
     manifest = tmp_path / "m.csv"
     manifest.write_text("prompt\nSmall effusion\n")

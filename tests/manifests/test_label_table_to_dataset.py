@@ -98,6 +98,36 @@ def test_label_table_to_trained_classifier(tmp_path, bundle_dir, text_encoder_di
     assert json.loads(report.read_text()) == results
 
 
+def test_two_commands_give_every_finding_its_target_in_verified_images(tmp_path, bundle_dir, text_encoder_dir,
+                                                                       verifier_file, one_torch_thread):
+    """Issue 20's tour: `manifest from-labels --target N` then `generate --verify`: every finding the model draws at
+    the threshold (not named rare) reaches N positives, real ones plus synthetic images the verifier confirmed."""
+    from cxrgen.runs.state import inspect_run
+
+    labels = table_with(tmp_path / "labels.csv", {("Edema",): 1, ("Cardiomegaly",): 1}, FINDINGS)
+    manifest = tmp_path / "aug.csv"
+    made = runner.invoke(app, ["manifest", "from-labels", str(labels), "--target", "3", "--max-findings", "1",
+                               "-o", str(manifest)])
+    assert made.exit_code == 0, made.output
+    out = tmp_path / "aug_out"
+    made = runner.invoke(app, ["generate", str(manifest), "--out", str(out), "--model", str(bundle_dir),
+                               "--text-encoder", str(text_encoder_dir), "--steps", "1", "--batch-size", "4", "--quiet",
+                               "--verify", "--verifier-weights", str(verifier_file), "--max-attempts", "60"])
+    assert made.exit_code == 0, made.output + made.stderr
+    metadata = pq.read_table(out / "metadata.parquet").to_pandas()
+    real = pd.read_csv(labels)
+    stats = inspect_run(out).verification
+    drawn = [f for f in FINDINGS if f not in stats["rare"]]
+    assert drawn, stats  # a verifier that accepts nothing would prove nothing here
+    for finding in FINDINGS:
+        verified = int(((metadata[finding] == 1) & metadata["verified"].eq(True)).sum())
+        assert stats["findings"][finding]["verified"] == verified
+        if finding in drawn:
+            assert int((real[finding] == 1).sum()) + verified >= 3, (finding, stats["findings"][finding])
+        else:
+            assert stats["findings"][finding]["acceptance"] < 0.1
+
+
 def test_the_loader_reads_every_labelled_image_despite_split_names(tmp_path):
     """load_synthetic() loads the folder by its card, so `quality/` and ids like `test-001` stay in the one split."""
     out = tmp_path / "out"

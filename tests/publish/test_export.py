@@ -202,6 +202,29 @@ def test_accepted_only_exports_the_accepted_images(run, meta, tmp_path):
     assert loaded["image_id"] == kept
 
 
+def test_verified_only_exports_the_images_verify_confirmed(run, bundle_dir, text_encoder_dir, verifier_file,
+                                                           tmp_path):
+    # a run made without --verify verifies nothing: the option is refused, nothing is written
+    result = invoke("export", run, "--verified-only", "--to", tmp_path / "none")
+    assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0
+    assert "generate with --verify" in result.stderr and not (tmp_path / "none").exists()
+    # rows labelled Edema 1 are verified (every first try passes --min-score 0); the others are not verified
+    out = make_run(tmp_path / "verified", bundle_dir, text_encoder_dir, "jpg", "--verify", "--min-score", "0",
+                   "--verifier-weights", verifier_file)
+    table = pq.read_table(out / "metadata.parquet").to_pandas()
+    confirmed = table["verified"].eq(True)
+    assert confirmed.sum() == 3 and table["verified"][~confirmed].isna().all()
+    kept = table["image_id"][confirmed].tolist()
+    assert invoke("export", out, "--verified-only", "--to", tmp_path / "wds").exit_code == 0
+    samples = list(wds.WebDataset(str(tmp_path / "wds" / "train-000000.tar"), shardshuffle=False).decode())
+    assert [s["json"]["image_id"] for s in samples] == kept and all(s["json"]["verified"] for s in samples)
+    dest = tmp_path / "folder"
+    assert invoke("export", out, "--format", "imagefolder", "--verified-only", "--to", dest).exit_code == 0
+    assert pq.read_table(dest / "metadata.parquet").column("image_id").to_pylist() == kept
+    assert f"the {len(kept)} of {len(table)} images `cxrgen generate --verify` verified" in \
+        (dest / "README.md").read_text(encoding="utf-8")
+
+
 def test_imagefolder_export_of_everything_and_refusals(run, meta, tmp_path):
     dest = tmp_path / "all"
     dest.mkdir()  # an empty folder is fine

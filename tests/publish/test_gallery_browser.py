@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import PROMPTS, QUOTES_PROMPT, preview
+from helpers import PROMPTS, QUOTES_PROMPT, make_verified_folder, preview
 from PIL import Image
 
 from cxrgen.publish.preview import build_preview
@@ -160,3 +160,24 @@ def test_ten_thousand_images_load_lazily_and_filter(tmp_path, browser):
     assert filter_to(browser, "case q042 effusion=true") == list(range(4200, 4300, 4))
     assert len(filter_to(browser, "")) == 10_000
     assert errors(browser) == []
+
+
+def test_the_verify_panel_and_filter(tmp_path, browser):
+    out = make_verified_folder(tmp_path / "out")
+    open_gallery(browser, build_preview(out).index)
+    panel = browser.find_element(By.ID, "verification")
+    assert panel.is_displayed()
+    rows = browser.execute_script("return Array.from(document.querySelectorAll('#verification tr'))"
+                                  ".map(r => Array.from(r.cells).map(c => c.textContent))")
+    assert rows[1] == ["Pneumothorax", "2", "1", "0%", "25%", "4"]
+    assert "1 verified by --verify" in browser.find_element(By.ID, "stats").text
+    # the filter words: verified (true), every attempt rejected (false), not verified (null)
+    assert filter_to(browser, "verified:yes") == [0]
+    assert filter_to(browser, "verified:no") == [1]
+    assert filter_to(browser, "verified:skip") == [2]
+    assert filter_to(browser, "") == [0, 1, 2]
+    flags = browser.execute_script("return Array.from(document.querySelectorAll('figure.tile'))"
+                                   ".map(f => f.classList.contains('flagged'))")
+    assert flags == [False, True, False]
+    assert errors(browser) == []
+

@@ -21,6 +21,7 @@ import tiny_eval as te
 from helpers import (
     PROMPTS,
     assert_input_error,
+    make_verified_folder,
     preview,
 )
 from PIL import Image, ImageOps
@@ -239,3 +240,22 @@ def test_the_gallery_script_never_turns_data_into_html(run):
     for planted in ('title.innerHTML = prompt;', 'section.insertAdjacentHTML("beforeend", prompt)',
                     "document.write(prompt)", "el.outerHTML=x", "setTimeout('go()', 1)"):
         assert HTML_SINKS.search(_page_script(f"<script>{planted}</script>")), planted
+
+
+def test_the_gallery_carries_verify_figures_and_each_images_verdict(tmp_path):
+    out = make_verified_folder(tmp_path / "out")
+    data = embedded(build_preview(out).index)
+    figures = data["verification"]["findings"]["Pneumothorax"]
+    # the figures status and the card show: 2 planned, 1 verified, 0 of 2 first tries and 1 of 4 attempts accepted
+    assert (figures["planned"], figures["verified"], figures["attempts"]) == (2, 1, 4)
+    assert (figures["acceptance_first"], figures["acceptance"]) == (0.0, 0.25)
+    assert data["verification"]["rare"] == [] and data["verification"]["made"] == 5
+    column = data["params"].index("verified")
+    assert [image["p"][column] for image in data["images"]] == [True, False, None]
+    # a plain run has no figures
+    plain = make_verified_folder(tmp_path / "plain")
+    run = json.loads((plain / "run.json").read_text())
+    del run["settings"]["verify"]
+    (plain / "run.json").write_text(json.dumps(run))
+    assert embedded(build_preview(plain).index)["verification"] is None
+
