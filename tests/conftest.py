@@ -35,6 +35,23 @@ def _hub_offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
+@pytest.fixture()
+def loopback_hub(tmp_path, monkeypatch):
+    """A hub on 127.0.0.1 (tests/fake_hub.py) that huggingface_hub may reach: online for this test only, with an
+    empty Hugging Face cache of its own and no proxy in the way. Files are added with add_repo / add_url."""
+    import huggingface_hub.constants
+    from fake_hub import LoopbackHub
+
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "HF_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    hub = LoopbackHub(tmp_path / "hub")
+    yield hub
+    hub.close()
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models on shared CI cores: one intra-op thread is several times faster than two contended."""

@@ -23,10 +23,12 @@ def download(
 ) -> None:
     """Stage the bundle and text encoder (and with --evaluator the evaluator's weights) in the cache, for offline use.
 
-    Fetches only the files a run reads, at pinned versions, verifies them (md5 of the checkpoints, sizes,
-    sha256) and resumes a cut download. Safe to start on many ranks at once: one downloads, the others
-    wait. With --offline it only reports what is there and what is missing. Exit codes: 0 everything is
-    staged; 2 something could not be fetched (or, offline, is missing).
+    Fetches only the files a run reads, at pinned versions, and verifies them (md5 of the checkpoints,
+    sizes, sha256). Hub files are transferred by huggingface_hub (HF_ENDPOINT, HF_TOKEN, its retries and
+    Xet transfers); a copy already in your Hugging Face cache is used instead. A bundle the hub lacks comes
+    from NVIDIA's hosting zip, which resumes a cut download. Safe to start on many ranks at once: one
+    downloads, the others wait. With --offline it only reports what is there and what is missing. Exit
+    codes: 0 everything is staged; 2 something could not be fetched (or, offline, is missing).
 
     Example: cxrgen download --evaluator   (on a login node; then copy or share $CXRGEN_HOME)
     """

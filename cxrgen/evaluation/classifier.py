@@ -41,15 +41,12 @@ def resolve_weights(weights: str | Path | None, cache_dir: str | Path, source: S
                     offline: bool = False, progress: bool = True) -> Path:
     """The weight file: --evaluator-weights itself, else $CXRGEN_HOME/torchxrayvision/<release file>, fetched once.
 
-    The fetch is `cxrgen download --evaluator`'s: through a resumable .part file, under the cache's lock (many
-    evaluations started at once download once), recorded as verified.
+    The fetch is `cxrgen download --evaluator`'s: the hub's copy through huggingface_hub when it is the release,
+    else the GitHub release through a resumable .part file; under the cache's lock (many evaluations started at
+    once download once), checked against the release's sha256 and recorded as verified.
     """
-    from cxrgen.hub.download import (
-        Unavailable,
-        evaluator_component,
-        offline_error,
-        stage,
-    )
+    from cxrgen.hub.components import Unavailable, evaluator_component, offline_error
+    from cxrgen.hub.download import stage
 
     if weights is not None:
         path = Path(weights).expanduser()

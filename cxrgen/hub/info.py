@@ -4,19 +4,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cxrgen.errors import InputError
+from cxrgen.errors import CxrgenError, InputError, RunError
 from cxrgen.extras import require_extra
-from cxrgen.hub.download import (
+from cxrgen.hub.components import (
     Component,
     FileState,
     bundle_component,
     check,
     evaluator_component,
-    offline_error,
+    offline_error_all,
     read_marker,
-    stage,
     text_encoder_component,
 )
+from cxrgen.hub.download import missing_offline, stage
 from cxrgen.hub.sources import Source
 from cxrgen.pins import DEFAULT_MODEL, DEFAULT_TEXT_ENCODER, EVALUATOR_URL
 
@@ -29,6 +29,7 @@ class ComponentReport:
     files: list[FileState]
     source: str | None = None
     revision: str | None = None  # the commit fetched, where the source has commits
+    fetched_with: list[str] = field(default_factory=list)  # what transferred the files (huggingface_hub 2.4.0, ...)
 
     @property
     def status(self) -> str:
@@ -44,7 +45,7 @@ class ComponentReport:
         """JSON-ready form."""
         c = self.component
         return {"kind": c.kind, "ref": c.ref, "folder": str(c.folder), "status": self.status, "source": self.source,
-                "revision": self.revision, "command": c.command,
+                "revision": self.revision, "fetched_with": self.fetched_with, "command": c.command,
                 "files": [{"path": str(f.path), "size": f.size, "status": f.status} for f in self.files]}
 
 
@@ -70,16 +71,18 @@ class CacheReport:
                 "optional": [c.to_dict() for c in self.optional], "notes": self.notes, "others": self.others}
 
     def problem(self) -> InputError | None:
-        """The error naming the first missing or corrupt file and the command that fetches it; None if complete."""
-        bad = next((r for r in self.components if r.status != "complete"), None)
-        return None if bad is None else offline_error(bad.component, bad.files)
+        """The error naming every component with a missing or corrupt file and one command that fetches them all."""
+        bad = [(r.component, r.files) for r in self.components if r.status != "complete"]
+        return offline_error_all(bad) if bad else None
 
     def lines(self) -> list[str]:
         """The human-readable report."""
         out = [f"cache: {self.cache_dir}"]
         for report in self.components + self.optional:
             c = report.component
-            where = f" (from {report.source} at {report.revision})" if report.source else ""
+            where = f" (from {report.source} at {report.revision}" if report.source else ""
+            where += f", fetched with {' and '.join(report.fetched_with)})" if where and report.fetched_with else \
+                ")" if where else ""
             out.append(f"{c.kind} {c.ref}: {report.status}{where}")
             out.append(f"  folder: {c.folder}")
             for state in report.files:
@@ -100,9 +103,17 @@ def download(cache_dir: str | Path, model: str = DEFAULT_MODEL, text_encoder: st
     if evaluator:
         require_extra()  # says which install command adds torchxrayvision
     if not offline:
-        report = cache_report(cache_dir, model, text_encoder, evaluator)
-        for component in report.components:
-            stage(component.component, source, progress=progress, log=log)
+        failures = []
+        for report in cache_report(cache_dir, model, text_encoder, evaluator).components:
+            try:  # every component is tried: one failure must not hide the state of the next
+                stage(report.component, source, progress=progress, log=log, rerun=True)
+            except CxrgenError as exc:
+                failures.append(exc)
+        if len(failures) == 1:
+            raise failures[0]
+        if failures:
+            kind = RunError if all(isinstance(f, RunError) for f in failures) else InputError
+            raise kind(f"{len(failures)} components could not be staged: " + " | ".join(str(f) for f in failures))
     return cache_report(cache_dir, model, text_encoder, evaluator)
 
 
@@ -110,6 +121,32 @@ def cache_report(cache_dir: str | Path, model: str = DEFAULT_MODEL, text_encoder
                  evaluator: bool = False) -> CacheReport:
     """Check the cache for the bundle and text encoder a run with these options needs (and the evaluator's weights)."""
     cache_dir = Path(cache_dir).expanduser().resolve()
+    components, notes = _components(cache_dir, model, text_encoder)
+    if evaluator or (cache_dir / "torchxrayvision").is_dir():
+        components.append(evaluator_component(EVALUATOR_URL, cache_dir))
+    reports = []
+    for component in components:
+        marker = read_marker(component) or {}
+        reports.append(ComponentReport(component, check(component, deep=True), marker.get("source"),
+                                       marker.get("revision"), list(marker.get("fetched_with") or [])))
+    # weights found in the cache but not asked about are shown, not required
+    required = [r for r in reports if evaluator or r.component.kind != "evaluator weights"]
+    optional = [r for r in reports if r not in required]
+    return CacheReport(cache_dir, required, optional, notes, _others(cache_dir, components))
+
+
+def offline_problem(cache_dir: str | Path, model: str = DEFAULT_MODEL, text_encoder: str = DEFAULT_TEXT_ENCODER,
+                    source: Source | None = None) -> InputError | None:
+    """Offline, the one error naming everything a run lacks (the bundle and the text encoder together), or None.
+
+    A component counts as there when it is staged or whole in the Hugging Face cache (staging takes it from there).
+    """
+    components, _ = _components(Path(cache_dir).expanduser().resolve(), model, text_encoder)
+    return missing_offline(components, source)
+
+
+def _components(cache_dir: Path, model: str, text_encoder: str) -> tuple[list[Component], list[str]]:
+    """The cached components a run with these options needs; a --model or --text-encoder folder is used in place."""
     components, notes = [], []
     for option, value, make in (("--model", model, bundle_component), ("--text-encoder", text_encoder,
                                                                          text_encoder_component)):
@@ -117,17 +154,7 @@ def cache_report(cache_dir: str | Path, model: str = DEFAULT_MODEL, text_encoder
             notes.append(f"{option} {value} is a folder, used in place (not cached)")
         else:
             components.append(make(value, cache_dir))
-    if evaluator or (cache_dir / "torchxrayvision").is_dir():
-        components.append(evaluator_component(EVALUATOR_URL, cache_dir))
-    reports = []
-    for component in components:
-        marker = read_marker(component) or {}
-        reports.append(ComponentReport(component, check(component, deep=True), marker.get("source"),
-                                       marker.get("revision")))
-    # weights found in the cache but not asked about are shown, not required
-    required = [r for r in reports if evaluator or r.component.kind != "evaluator weights"]
-    optional = [r for r in reports if r not in required]
-    return CacheReport(cache_dir, required, optional, notes, _others(cache_dir, components))
+    return components, notes
 
 
 def _others(cache_dir: Path, components: list[Component]) -> list[str]:

@@ -10,7 +10,8 @@ from typing import Callable
 import torch
 
 from cxrgen.errors import InputError
-from cxrgen.hub.download import bundle_component, stage
+from cxrgen.hub.components import bundle_component
+from cxrgen.hub.download import stage
 from cxrgen.hub.sources import Source
 from cxrgen.model.checkpoint import load_into, md5sum, read_state_dict
 

@@ -26,6 +26,7 @@ from cxrgen.config import (
 )
 from cxrgen.errors import CxrgenError, InputError
 from cxrgen.files import STATE_DIR, TMP_MARK, resume_command, write_json
+from cxrgen.hub.info import offline_problem
 from cxrgen.manifests.reader import Manifest
 from cxrgen.manifests.workitems import load_plan
 from cxrgen.model.bundle import BundleSource, load_bundle, read_spec, resolve_model
@@ -132,6 +133,11 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
     if saved is not None:
         _refuse_changed(out, saved, _pixel_settings(config, manifest, plan, dtype, saved["settings"]["checkpoint_md5"],
                                                     saved["settings"].get("text_encoder_fingerprint")))
+    if config.offline:  # everything missing named at once, before anything is claimed or written
+        problem = offline_problem(config.cache_dir or str(Path.home() / ".cache" / "cxrgen"), config.model,
+                                  config.text_encoder)
+        if problem:
+            raise problem
     with contextlib.ExitStack() as held:
         rank_lock = None
         if rank is not None:  # claimed before loading, so a duplicate rank is refused at once and others see it

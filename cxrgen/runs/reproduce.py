@@ -13,6 +13,7 @@ from cxrgen.config import RunConfig
 from cxrgen.errors import InputError
 from cxrgen.files import STATE_DIR, atomic_write, resume_command
 from cxrgen.manifests.workitems import WorkItem
+from cxrgen.hub.info import offline_problem
 from cxrgen.model.bundle import BundleSource, resolve_model
 from cxrgen.provenance import encode_image, provenance_of, read_provenance
 from cxrgen.runs.journal import read_records
@@ -65,6 +66,9 @@ def reproduce_image(out: str | Path, image_id: str, *, bundle_source: BundleSour
     device = device or record.get("device_type") or "cpu"
     dtype = dtype or saved["settings"]["dtype"]
     cache_dir = config.cache_dir or str(Path.home() / ".cache" / "cxrgen")  # as the run resolved it
+    problem = offline_problem(cache_dir, config.model, config.text_encoder) if offline else None
+    if problem:  # the bundle and the text encoder named together
+        raise problem
     bundle_root = resolve_model(config.model, cache_dir, bundle_source, offline=offline)
     bundle, text = load_models(config, bundle_root, device)
     if bundle.md5 != saved["settings"]["checkpoint_md5"]:
