@@ -11,19 +11,19 @@ import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import tiny  # noqa: E402
+from cxrgen.model import demo  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def bundle_dir(tmp_path_factory) -> Path:
     """A tiny bundle (v1.0.1 config, old checkpoint layout) shared by the session; never modify it."""
-    return tiny.build_bundle(tmp_path_factory.mktemp("bundle") / "tiny_bundle")
+    return demo.build_bundle(tmp_path_factory.mktemp("bundle") / "tiny_bundle")
 
 
 @pytest.fixture(scope="session")
 def text_encoder_dir(tmp_path_factory) -> Path:
     """A tiny random CLIP text encoder with the real SD 2.x tokenizer files."""
-    return tiny.build_text_encoder(tmp_path_factory.mktemp("text") / "clip")
+    return demo.build_text_encoder(tmp_path_factory.mktemp("text") / "clip")
 
 
 

@@ -174,10 +174,15 @@ def status(
     except CxrgenError as exc:
         fail(exc)
     typer.echo(f"run:       {report.out}")
+    if report.demo:
+        typer.echo("model:     DEMO (random weights): every image of this run is noise, not a chest X-ray")
     typer.echo(f"planned:   {report.planned}")
     typer.echo(f"done:      {report.done}")
     typer.echo(f"remaining: {report.remaining}")
     typer.echo(f"metadata:  {'complete' if report.finalized else 'not written yet'}")
+    typer.echo(f"checked:   {report.checked} recorded file(s), " + ("each re-read, checksummed and decoded"
+                                                                      if report.verified else
+                                                                      "size only (--verify re-reads and decodes)"))
     for label, names in (("recorded but missing or unreadable", report.missing_files),
                          ("files with no record", report.orphaned_files), ("temporary files", report.temp_files)):
         if names:

@@ -20,7 +20,7 @@ from cxrgen.errors import InputError, first_line
 from cxrgen.extras import import_quietly
 from cxrgen.files import file_digest
 from cxrgen.hub.sources import Source
-from cxrgen.pins import EVALUATOR_RELEASE
+from cxrgen.pins import EVALUATOR_FILE, EVALUATOR_RELEASE, EVALUATOR_SIZE, KNOWN_SHA256
 
 RELEASE = EVALUATOR_RELEASE  # torchxrayvision's name of the weights trained on every dataset
 INPUT_SIZE = 224  # the release's input_resolution
@@ -67,6 +67,30 @@ def resolve_weights(weights: str | Path | None, cache_dir: str | Path, source: S
         raise InputError(f"cannot download the evaluator weights {info['url']} ({exc.reasons}); download that file "
                          f"on a connected machine and place it at {dest}, or pass --evaluator-weights FILE") from None
     return dest.resolve()
+
+
+def weights_identity(path: Path, sha256: str) -> dict:
+    """The weight file actually used, and whether it is torchxrayvision's published release file.
+
+    The published file is recognised by its sha256 (pins.KNOWN_SHA256; its name is reported, but a renamed
+    copy of the same bytes is the same file). Where no digest is published for the release's file name, a file
+    of that name "cannot be checked" (None) and a file of another name is not the release.
+    """
+    info = release_info()
+    name, size = info["file_name"], path.stat().st_size
+    want = KNOWN_SHA256.get(name)
+    if want is not None:
+        published = sha256 == want
+        reason = "its sha256 is the published release's" if published else \
+            f"its sha256 differs from the published release's ({want})" + \
+            (f" and its size ({size:,} bytes) from the release's {EVALUATOR_SIZE:,}"
+             if name == EVALUATOR_FILE and size != EVALUATOR_SIZE else "")
+    elif path.name != name:
+        published, reason = False, f"its name is not the release file's ({name}) and no digest is published"
+    else:
+        published, reason = None, "no sha256 of the release is known to cxrgen, so it cannot be checked"
+    return {"file_name": path.name, "size": size, "sha256": sha256, "published_release": published,
+            "release_file": name, "release_sha256": want, "check": reason}
 
 
 def allowed_classes() -> list[type]:

@@ -36,6 +36,7 @@ class BundleSpec:
     scheduler_args: dict
     latent_shape: tuple[int, int, int]  # (channels, height, width) of one image's latent
     checkpoints: dict = field(default_factory=dict)  # "autoencoder"/"diffusion_model" -> file path
+    demo: bool = False  # cxrgen's demo model (configs/metadata.json `cxrgen_demo`): random weights, noise images
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -71,6 +72,7 @@ def read_spec(root: str | Path) -> BundleSpec:
         scheduler_args=_scheduler_args(config, config_path),
         latent_shape=_latent_shape(config, nets["autoencoder_def"]),
         checkpoints={stem: _checkpoint_file(root, stem) for stem in ("autoencoder", "diffusion_model")},
+        demo=meta.get("cxrgen_demo") is True,
     )
 
 

@@ -60,6 +60,8 @@ from cxrgen.runs.workers import (
 )
 
 Log = Callable[[str], None]
+DEMO_WARNING = ("DEMO MODEL: random weights, so every image of this run is noise, not a chest X-ray; it checks the "
+                "install, the GPU, a launch or the gallery. `cxrgen download` fetches the real model.")
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,8 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
                                     bundle_source, offline=config.offline, progress=not config.quiet, log=log)
         sole = len(devices) == 1
         bundle, text = load_models(config, bundle_root, devices[0] if sole else "cpu")
+        if bundle.spec.demo and not config.quiet:
+            log(f"{_prefix(rank)}{DEMO_WARNING}")
         settings = _pixel_settings(config, manifest, plan, dtype, bundle.md5, text.fingerprint)
         # 3. claim the folder (ranks share it); record the run, or compare with the recorded one again:
         # another run may have started in this folder while the models loaded
@@ -418,6 +422,7 @@ def _run_json(config: RunConfig, manifest: Manifest, settings: dict, bundle, dev
             "devices": devices, "bundle_root": str(bundle.spec.root), "model_name": bundle.spec.name,
             "model_version": bundle.spec.version, "height": bundle.spec.image_size[0],
             "width": bundle.spec.image_size[1], "latent_shape": list(bundle.spec.latent_shape),
+            "demo": bundle.spec.demo,  # random weights: every output says its images are noise
         },
         "manifest": {"path": manifest.path, "sha256": manifest.sha256, "rows": len(manifest.rows)},
         "versions": _versions(),

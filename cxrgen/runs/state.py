@@ -165,6 +165,9 @@ class RunStatus:
     orphaned_files: list[str] = field(default_factory=list)  # image file with no record
     temp_files: list[str] = field(default_factory=list)
     finalized: bool = False  # metadata.parquet covers every planned image
+    checked: int = 0  # recorded files looked at (one stat each, or re-read and decoded with verify)
+    verified: bool = False  # checked with verify
+    demo: bool = False  # made with the demo model: its images are noise
 
     @property
     def remaining(self) -> int:
@@ -198,6 +201,7 @@ def inspect_run(out: str | Path, verify: bool = False) -> RunStatus:
         missing_files=sorted(n for n in recorded_files if n and n not in ok),
         orphaned_files=sorted(on_disk - recorded_files),
         temp_files=[str(p.relative_to(out)) for p in temp_files(out)],
+        checked=len(pairs), verified=verify, demo=saved.get("resolved", {}).get("demo") is True,
     )
     status.finalized = _metadata_rows(out) == status.planned and status.remaining == 0
     return status

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 import cxrgen
 from cxrgen.cli import app
+from cxrgen.model import demo
 
 # Every column issue 2 asks metadata.parquet to have, in cxrgen's names.
 METADATA_COLUMNS = [
@@ -332,7 +333,7 @@ BAD_MODELS = {
     "text encoder folder missing": (lambda tmp, b, t: (b, tmp / "no_text"), ["--text-encoder"]),
     "text encoder repo offline": (lambda tmp, b, t: (b, "cxrgen-tests/no-such-repo"),
                                   ["cxrgen-tests/no-such-repo", "--text-encoder"]),
-    "text width mismatch": (lambda tmp, b, t: (b, tiny.build_text_encoder(tmp / "narrow", width=16)),
+    "text width mismatch": (lambda tmp, b, t: (b, demo.build_text_encoder(tmp / "narrow", width=16)),
                             ["cross_attention_dim"]),
 }
 
