@@ -211,7 +211,9 @@ def plan(
     image_format: Annotated[str, typer.Option(help="jpg or png.")] = "jpg",
     batch_size: BatchSize = 0, device: Device = "auto", workers: Workers = 1,
     show_all: Annotated[bool, typer.Option("--show-all", help="List every truncated and duplicate prompt.")] = False,
-    model: Annotated[str, typer.Option(hidden=True, help=_IGNORED)] = DEFAULT_MODEL,
+    model: Annotated[str, typer.Option(help="Bundle the run would use (folder or NAME[@VERSION]): the estimate "
+                                       "says when its architecture is not the real model's. Nothing is loaded or "
+                                       "downloaded.")] = DEFAULT_MODEL,
     jpeg_quality: Annotated[int, typer.Option(hidden=True, help=_IGNORED)] = 95,
     file_names: Annotated[str, typer.Option(hidden=True, help=_IGNORED)] = "index",
     decode_batch_size: Annotated[int, typer.Option("--decode-batch-size", hidden=True, help=_IGNORED)] = 0,
@@ -234,8 +236,8 @@ def plan(
         out = out or (manifest.with_suffix("") if manifest.suffix else manifest.with_name(manifest.name + "_out"))
         config = RunConfig(
             manifest=str(manifest), out=str(out.resolve()), manifest_format=manifest_format,
-            prompt_column=prompt_column, allow_empty_prompt=allow_empty_prompt, text_encoder=text_encoder,
-            num_images=num_images, guidance_scale=guidance_scale, negative_prompt=negative_prompt, seed=seed,
+            prompt_column=prompt_column, allow_empty_prompt=allow_empty_prompt, model=model,
+            text_encoder=text_encoder, num_images=num_images, guidance_scale=guidance_scale, negative_prompt=negative_prompt, seed=seed,
             steps=steps, scheduler=scheduler, batch_size=batch_size, device=device, dtype=dtype,
             image_format=image_format, workers=workers)
         report = plan_run(config)

@@ -178,6 +178,8 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
         # 4. sample: in this process, or in one worker process per device pulling batches from a queue
         progress = _Progress(len(plan) if rank is None else len(todo), len(plan) - len(todo) if rank is None else 0,
                              config.quiet, rank, log)
+        # closed however sampling ends: a stop's message then starts on its own line and no bar is redrawn after it
+        held.callback(progress.close)
         if sole:
             engine = make_engine(config, bundle, text, devices[0], dtype)
             results = [_sample_here(engine, config, batches, _worker_name(rank, 0), engine_hook, progress)]
@@ -332,7 +334,8 @@ class _Progress:
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
+            self.bar.close()  # leaves the bar's last state and ends its line
+            self.bar = None
 
 
 def _summary(rank, results: list, written: int, seconds: float, out: Path, plan: list, metadata, remaining: int,
