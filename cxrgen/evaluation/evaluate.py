@@ -232,7 +232,7 @@ def evaluate_run(options: EvalOptions, *, weights_source: Source | None = None) 
         "n_flagged": {flag: sum(flag in f for f in flags) for flag in FLAGS},
         "n_accepted": sum(not f for f in flags), "min_score": options.min_score, "max_pairs": options.max_pairs,
         "planned_images": planned,
-        "evaluator": {"release": RELEASE, "url": info["url"], "weights": str(evaluator.weights),
+        "evaluator": {"release": RELEASE, "release_url": info["url"], "weights": str(evaluator.weights),
                       **weights_identity(evaluator.weights, evaluator.sha256), "device": str(evaluator.device),
                       "pathologies": evaluator.pathologies},
         "demo_model": (read_run_json(out) or {}).get("resolved", {}).get("demo") is True,

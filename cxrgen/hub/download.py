@@ -201,7 +201,10 @@ def _list(component: Component, source: Source, rerun: bool) -> tuple[Listing, s
 def _hf_cached(component: Component, source: Source) -> tuple[str, dict[str, Path]] | None:
     """(repo, {file: path}) when every file is in the Hugging Face cache at the requested revision, else None."""
     for repo in (component.repo, *component.mirrors):
-        found = {rel: source.cached(repo, component.remote(rel), component.revision) for rel in component.files}
+        try:
+            found = {rel: source.cached(repo, component.remote(rel), component.revision) for rel in component.files}
+        except ValueError:  # not a valid repo id or revision (huggingface_hub's HFValidationError): not cached
+            continue
         if all(found.values()):
             return repo, found
     return None

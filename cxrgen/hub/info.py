@@ -141,7 +141,14 @@ def offline_problem(cache_dir: str | Path, model: str = DEFAULT_MODEL, text_enco
 
     A component counts as there when it is staged or whole in the Hugging Face cache (staging takes it from there).
     """
-    components, _ = _components(Path(cache_dir).expanduser().resolve(), model, text_encoder)
+    cache = Path(cache_dir).expanduser().resolve()
+    # a folder is used in place; a path that is no folder is refused by the run itself, naming it (as
+    # cxrgen.model.bundle.resolve_model and cxrgen.model.text_encoder.load_text_encoder tell paths from names)
+    model_path = "/" in model or "\\" in model or model.startswith((".", "~"))
+    text_path = Path(text_encoder).is_absolute() or text_encoder.startswith((".", "~"))
+    components = [make(value, cache) for value, make, path in ((model, bundle_component, model_path),
+                                                              (text_encoder, text_encoder_component, text_path))
+                  if not path and not Path(value).expanduser().is_dir()]
     return missing_offline(components, source)
 
 

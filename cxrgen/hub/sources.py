@@ -88,8 +88,6 @@ class WebSource:
 
     def listing(self, repo: str, revision: str, files: Sequence[str]) -> Listing:
         """Sizes and LFS sha256 of `files` in repo at revision, and the commit it resolves to."""
-        if "://" in repo:  # a single file at a URL: its size comes with the download
-            return Listing(revision, [RemoteFile(files[0], repo)])
         from huggingface_hub import HfApi, constants, hf_hub_url
 
         if constants.HF_HUB_OFFLINE:  # huggingface_hub would refuse too; and no probe may touch the network

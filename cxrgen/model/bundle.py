@@ -20,7 +20,8 @@ SCALE_FACTOR = 0.3  # latent scaling of the bundle's sampler (scripts/sampler.py
 _CLASSES = {"AutoencoderKL": "autoencoder_def", "DiffusionModelUNet": "diffusion_def"}
 _SCHEDULES = {"scaled_linear": "scaled_linear_beta", "linear": "linear_beta"}
 
-# Where a named bundle is downloaded from: cxrgen.hub.sources.WebSource (the default), or a local fake in tests.
+# Where a named bundle is downloaded from: cxrgen.hub.sources.WebSource (the default; tests point it at a hub on
+# 127.0.0.1).
 BundleSource = Source
 
 

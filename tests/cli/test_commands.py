@@ -138,7 +138,7 @@ def test_generate_makes_images_metadata_and_run_json(tmp_path, manifest, bundle_
     assert rows[0]["prompt"] == "Small left pleural effusion"
     from transformers import CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(str(tiny.TOKENIZER))
+    tokenizer = CLIPTokenizer.from_pretrained(str(Path(__file__).resolve().parents[1] / "fixtures" / "sd2-tokenizer"))
     count = len(tokenizer("Small left pleural effusion")["input_ids"])
     assert (rows[0]["token_count"], rows[0]["truncated"]) == (count, False)
     assert rows[2]["prompt"] == LONG_PROMPT and rows[2]["truncated"] is True
