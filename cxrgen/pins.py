@@ -33,8 +33,17 @@ TEXT_ENCODER_FILES = ("tokenizer/merges.txt", "tokenizer/special_tokens_map.json
 # The evaluation classifier: torchxrayvision's DenseNet-121 trained on every dataset, and where its release
 # file lives (torchxrayvision's own model_urls entry; `cxrgen info` needs it without importing torch).
 EVALUATOR_RELEASE = "densenet121-res224-all"
-EVALUATOR_URL = ("https://github.com/mlmed/torchxrayvision/releases/download/v1/"
-                 "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt")
+EVALUATOR_FILE = "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"
+EVALUATOR_URL = f"https://github.com/mlmed/torchxrayvision/releases/download/v1/{EVALUATOR_FILE}"
+# torchxrayvision publishes its releases on the Hugging Face hub too; that copy is used only when its sha256 is the
+# release's (its listing says so before anything is fetched), else the GitHub release is.
+EVALUATOR_REPO = f"torchxrayvision/{EVALUATOR_RELEASE}"
+EVALUATOR_REPO_FILE = "model.pt"
+# The release file's size and sha256. torchxrayvision publishes no digest; these are the values several independent
+# public projects pin for this file (e.g. in their download checks), all agreeing. A file of another digest is
+# "not the published release" in `cxrgen evaluate`'s summary, and `cxrgen download --evaluator` refuses it.
+EVALUATOR_SIZE = 28_382_008
+KNOWN_SHA256 = {EVALUATOR_FILE: "56524913dd16a906422e8d8b66a7a5c46be1d82eb7ac012d8103776f1aa68899"}
 
 # The default verifier of `cxrgen generate --verify`: torchxrayvision's DenseNet-121 trained on CheXpert only.
 # The generator learned from MIMIC-CXR, so a judge that never saw MIMIC-CXR (the evaluator's release did) is the

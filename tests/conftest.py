@@ -11,19 +11,19 @@ import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import tiny  # noqa: E402
+from cxrgen.model import demo  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def bundle_dir(tmp_path_factory) -> Path:
     """A tiny bundle (v1.0.1 config, old checkpoint layout) shared by the session; never modify it."""
-    return tiny.build_bundle(tmp_path_factory.mktemp("bundle") / "tiny_bundle")
+    return demo.build_bundle(tmp_path_factory.mktemp("bundle") / "tiny_bundle")
 
 
 @pytest.fixture(scope="session")
 def text_encoder_dir(tmp_path_factory) -> Path:
     """A tiny random CLIP text encoder with the real SD 2.x tokenizer files."""
-    return tiny.build_text_encoder(tmp_path_factory.mktemp("text") / "clip")
+    return demo.build_text_encoder(tmp_path_factory.mktemp("text") / "clip")
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +40,23 @@ def _hub_offline(monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture()
+def loopback_hub(tmp_path, monkeypatch):
+    """A hub on 127.0.0.1 (tests/fake_hub.py) that huggingface_hub may reach: online for this test only, with an
+    empty Hugging Face cache of its own and no proxy in the way. Files are added with add_repo / add_url."""
+    import huggingface_hub.constants
+    from fake_hub import LoopbackHub
+
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "HF_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    hub = LoopbackHub(tmp_path / "hub")
+    yield hub
+    hub.close()
 
 
 @pytest.fixture(scope="module")

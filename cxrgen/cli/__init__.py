@@ -5,9 +5,11 @@ beside it. This package is the only importer of Typer and never imports torch at
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand
 
 from cxrgen import __version__
 from cxrgen.cli import cache, manifest, results, run
@@ -51,11 +53,19 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 
 
+class _Command(TyperCommand):
+    """Usage lines as manual pages write them: required arguments bare (MANIFEST), optional ones in [ ]."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        # Typer writes a required argument as {MANIFEST}, which reads like a literal brace or a choice
+        return [re.sub(r"^\{(.*)\}(\.\.\.)?$", r"\1\2", piece) for piece in super().collect_usage_pieces(ctx)]
+
+
 for _name, _function in COMMANDS:
     if _name.startswith("manifest "):
-        manifest.manifest_app.command(_name.split(" ", 1)[1])(_function)
+        manifest.manifest_app.command(_name.split(" ", 1)[1], cls=_Command)(_function)
     else:
-        app.command(_name)(_function)
+        app.command(_name, cls=_Command)(_function)
     if _name == "preview":  # `cxrgen --help` has always listed the manifest group here
         app.add_typer(manifest.manifest_app, name="manifest")
 

@@ -196,10 +196,15 @@ def status(
     except CxrgenError as exc:
         fail(exc)
     typer.echo(f"run:       {report.out}")
+    if report.demo:
+        typer.echo("model:     DEMO (random weights): every image of this run is noise, not a chest X-ray")
     typer.echo(f"planned:   {report.planned}")
     typer.echo(f"done:      {report.done}")
     typer.echo(f"remaining: {report.remaining}")
     typer.echo(f"metadata:  {_metadata_state(report)}")
+    typer.echo(f"checked:   {report.checked} recorded file(s), " + ("each re-read, checksummed and decoded"
+                                                                      if report.verified else
+                                                                      "size only (--verify re-reads and decodes)"))
     for label, names in (("recorded but missing or unreadable", report.missing_files),
                          ("files with no record", report.orphaned_files), ("temporary files", report.temp_files)):
         if names:
@@ -244,7 +249,9 @@ def plan(
     image_format: Annotated[str, typer.Option(help="jpg or png.")] = "jpg",
     batch_size: BatchSize = 0, device: Device = "auto", workers: Workers = 1,
     show_all: Annotated[bool, typer.Option("--show-all", help="List every truncated and duplicate prompt.")] = False,
-    model: Annotated[str, typer.Option(hidden=True, help=_IGNORED)] = DEFAULT_MODEL,
+    model: Annotated[str, typer.Option(help="Bundle the run would use (folder or NAME[@VERSION]): the estimate "
+                                       "says when its architecture is not the real model's. Nothing is loaded or "
+                                       "downloaded.")] = DEFAULT_MODEL,
     jpeg_quality: Annotated[int, typer.Option(hidden=True, help=_IGNORED)] = 95,
     file_names: Annotated[str, typer.Option(hidden=True, help=_IGNORED)] = "index",
     decode_batch_size: Annotated[int, typer.Option("--decode-batch-size", hidden=True, help=_IGNORED)] = 0,
@@ -275,8 +282,8 @@ def plan(
         out = out or default_out(manifest)
         config = RunConfig(
             manifest=str(manifest), out=str(out.resolve()), manifest_format=manifest_format,
-            prompt_column=prompt_column, allow_empty_prompt=allow_empty_prompt, text_encoder=text_encoder,
-            num_images=num_images, guidance_scale=guidance_scale, negative_prompt=negative_prompt, seed=seed,
+            prompt_column=prompt_column, allow_empty_prompt=allow_empty_prompt, model=model,
+            text_encoder=text_encoder, num_images=num_images, guidance_scale=guidance_scale, negative_prompt=negative_prompt, seed=seed,
             steps=steps, scheduler=scheduler, batch_size=batch_size, device=device, dtype=dtype,
             image_format=image_format, workers=workers)
         report = plan_run(config)

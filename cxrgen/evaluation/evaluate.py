@@ -39,6 +39,7 @@ from cxrgen.model.classifier import (
     prepare,
     release_info,
     resolve_weights,
+    weights_identity,
 )
 from cxrgen.runs.journal import EVAL_DIR, METADATA_SCHEMA
 from cxrgen.runs.record import library_versions
@@ -112,14 +113,24 @@ class EvalResult:
 
     def headline(self) -> list[str]:
         """The few lines the CLI prints at the end."""
-        s = self.summary
+        s, weights = self.summary, self.summary["evaluator"]
         flagged = ", ".join(f"{k} {v}" for k, v in s["n_flagged"].items())
-        lines = [f"images:    {s['n_images']} ({s['n_accepted']} accepted; flagged: {flagged})"]
+        lines = ["DEMO MODEL: these images are noise; the figures below only show that the pipeline runs"] \
+            if s.get("demo_model") else []
+        published = {True: "the published release", False: "NOT the published release",
+                     None: "not checked"}[weights["published_release"]]
+        lines.append(f"evaluator: {weights['file_name']} (sha256 {weights['sha256'][:16]}...): {published}"
+                     + ("" if weights["published_release"] else f" ({weights['check']})"))
+        lines.append(f"images:    {s['n_images']} ({s['n_accepted']} accepted; flagged: {flagged})")
         if s["n_real"] is not None:
             cache = "features from cache" if self.real_from_cache else "features computed"
             lines.append(f"real:      {s['n_real']} images ({s['n_real_unreadable']} unreadable skipped; {cache})")
-            lines.append(f"FID:       {_fmt(s['fid'])}   KID: {_fmt(s['kid_mean'])} +- {_fmt(s['kid_std'])}"
-                         + (" (biased: fewer than 1,024 images)" if s["fid_biased"] else ""))
+            absurd = s.get("not_meaningful", {})
+            fid = f"not meaningful ({absurd['fid']['reason']})" if "fid" in absurd else _fmt(s["fid"])
+            kid = f"not meaningful ({absurd['kid']['reason']})" if "kid" in absurd else \
+                f"{_fmt(s['kid_mean'])} +- {_fmt(s['kid_std'])}"
+            lines.append(f"FID:       {fid}   KID: {kid}"
+                         + (" (biased: fewer than 1,024 images)" if s["fid_biased"] and not absurd else ""))
         lines.append(f"MS-SSIM:   within prompt {_fmt(s['ms_ssim_within_prompt'])}, random {_fmt(s['ms_ssim_random'])}"
                      + (f", real {_fmt(s['ms_ssim_real'])}" if s["n_real"] is not None else "") + " (lower = more diverse)")
         for name, f in s["findings"].items():
@@ -196,6 +207,8 @@ def evaluate_run(options: EvalOptions, *, weights_source: Source | None = None) 
     n_real = None if real is None else int(real["features"].shape[0])
     mark = time.monotonic()
     fidelity = em.fid_kid(synthetic.features[readable], real["features"]) if real is not None else {}
+    # a figure its definition rules out for these features is withheld, with the reason, never printed as a result
+    absurd = em.not_meaningful(synthetic.features[readable], real["features"], fidelity) if real is not None else {}
     timings["fid_kid_s"] = time.monotonic() - mark
     mark = time.monotonic()
     ms_ssim = {"within_prompt": em.ms_ssim_values(synthetic.small, within),
@@ -212,7 +225,11 @@ def evaluate_run(options: EvalOptions, *, weights_source: Source | None = None) 
         "n_real_files": None if real is None else len(real_files),
         "n_real_unreadable": None if real is None else len(real_files) - n_real,
         "real_features_cached": None if real is None else cached is not None,
-        "fid": fidelity.get("fid"), "kid_mean": fidelity.get("kid_mean"), "kid_std": fidelity.get("kid_std"),
+        "fid": None if "fid" in absurd else fidelity.get("fid"),
+        "kid_mean": None if "kid" in absurd else fidelity.get("kid_mean"),
+        "kid_std": None if "kid" in absurd else fidelity.get("kid_std"),
+        "not_meaningful": {name: {"computed": fidelity.get("fid" if name == "fid" else "kid_mean"), "reason": why}
+                           for name, why in absurd.items()},
         "kid_subset_size": fidelity.get("kid_subset_size"), "kid_subsets": fidelity.get("kid_subsets"),
         # FID's estimate is biased upwards for small sets; the report says so below this size
         "fid_biased": real is not None and min(int(readable.sum()), n_real) < em.FID_UNBIASED_AT,
@@ -224,10 +241,13 @@ def evaluate_run(options: EvalOptions, *, weights_source: Source | None = None) 
         "n_accepted": sum(not f for f in flags), "min_score": options.min_score, "max_pairs": options.max_pairs,
         "planned_images": planned,
         "verifier": _verifier(out, evaluator.sha256),
-        "evaluator": {"release": RELEASE, "url": info["url"], "weights": str(evaluator.weights),
-                      "sha256": evaluator.sha256, "device": str(evaluator.device),
+        "evaluator": {"release": RELEASE, "release_url": info["url"], "weights": str(evaluator.weights),
+                      **weights_identity(evaluator.weights, evaluator.sha256), "device": str(evaluator.device),
                       "pathologies": evaluator.pathologies},
-        "versions": library_versions(("torch", "torchvision", "torchxrayvision", "torchmetrics", "scikit-learn", "numpy", "matplotlib"), cxrgen=__version__), "seconds": round(time.monotonic() - started, 3),
+        "demo_model": (read_run_json(out) or {}).get("resolved", {}).get("demo") is True,
+        "versions": library_versions(("torch", "torchvision", "torchxrayvision", "torchmetrics", "scikit-learn",
+                                      "numpy", "matplotlib"), cxrgen=__version__),
+        "seconds": round(time.monotonic() - started, 3),
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
 

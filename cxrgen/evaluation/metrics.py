@@ -4,6 +4,7 @@ cxrgen.model.label_map, shared with `cxrgen generate --verify`; its names are re
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 
 import numpy as np
@@ -23,6 +24,9 @@ KID_SUBSET_SIZE = 1000  # torchmetrics' default; smaller sets use all their imag
 KID_SUBSETS = 100  # torchmetrics' default
 PAIR_SEED = 0  # pairs and KID subsets are drawn from fixed seeds, so re-running gives the same figures
 MS_SSIM_BATCH = 64  # pairs per MS-SSIM call (64 was the fastest on the 2-core CPU; ~0.5 GB of temporaries)
+# DenseNet-121's features2 are averages of batch-normalised, ReLU'd activations: a trained network gives values of
+# order 1 to 10. Values beyond this come from weights that are not a working classifier (or a broken input).
+FEATURE_LIMIT = 1e4
 
 
 # ---------------------------------------------------------------------------------------------- FID / KID
@@ -64,6 +68,47 @@ def fid_kid(synthetic: np.ndarray, real: np.ndarray) -> dict:
     result.update(fid=float(fid.compute()), kid_mean=float(kid_mean), kid_std=float(kid_std),
                   kid_subset_size=subset_size, kid_subsets=KID_SUBSETS)
     return result
+
+
+def not_meaningful(synthetic: np.ndarray, real: np.ndarray, figures: dict) -> dict[str, str]:
+    """Why FID or KID (keys "fid", "kid") cannot be figures of these features: {} when both are plausible.
+
+    Each is checked against what its definition allows for these very features, so only a numerical failure or
+    absurd features are flagged, never a large but real distance:
+    - FID = |mu_s - mu_r|^2 + Tr S_s + Tr S_r - 2 Tr sqrt(S_s S_r) lies in [|mu_s - mu_r|^2, |mu_s - mu_r|^2 +
+      Tr S_s + Tr S_r] (the last term is between 0 and Tr S_s + Tr S_r); a small tolerance covers the matrix
+      square root's rounding.
+    - KID is the unbiased MMD^2 of the kernel k(x, y) = (x.y / d + 1)^3 over subsets of m images: at least
+      -(max k(x, x) + max k(y, y)) / (m - 1) (reached only by identical sets), at most (sqrt(max k(x, x)) +
+      sqrt(max k(y, y)))^2 (1 + 2 / (m - 1)).
+    - features beyond FEATURE_LIMIT make both meaningless whatever their values.
+    """
+    reasons: dict[str, str] = {}
+    fid, kid, m = figures.get("fid"), figures.get("kid_mean"), figures.get("kid_subset_size")
+    if fid is None and kid is None:
+        return reasons
+    biggest = float(max(np.abs(synthetic).max(), np.abs(real).max()))
+    if not math.isfinite(biggest) or biggest > FEATURE_LIMIT:
+        why = (f"the classifier's features reach {biggest:.3g}, far beyond a trained DenseNet-121's (order 1 to 10, "
+               f"at most {FEATURE_LIMIT:g}): its weights are not a working classifier")
+        return {name: why for name, value in (("fid", fid), ("kid", kid)) if value is not None}
+    s, r = synthetic.astype(np.float64), real.astype(np.float64)
+    if fid is not None:
+        gap = float(((s.mean(0) - r.mean(0)) ** 2).sum())
+        traces = float(s.var(0, ddof=1).sum() + r.var(0, ddof=1).sum())
+        low, high = gap - 1e-3 * traces - 1e-9, (gap + traces) * (1 + 1e-6) + 1e-9
+        if not (math.isfinite(fid) and low <= fid <= high):
+            reasons["fid"] = (f"FID {fid:.4g} is outside the range its definition allows for these features "
+                              f"[{max(gap, 0.0):.4g}, {gap + traces:.4g}]: a numerical failure")
+    if kid is not None and m:
+        d = s.shape[1]
+        kxx, kyy = (((s * s).sum(1) / d + 1) ** 3).max(), (((r * r).sum(1) / d + 1) ** 3).max()
+        low = -(kxx + kyy) / (m - 1) * (1 + 1e-6)
+        high = (math.sqrt(kxx) + math.sqrt(kyy)) ** 2 * (1 + 2 / (m - 1)) * (1 + 1e-6)
+        if not (math.isfinite(kid) and low <= kid <= high):
+            reasons["kid"] = (f"KID {kid:.4g} is outside the range its unbiased estimate can take for these features "
+                              f"[{low:.4g}, {high:.4g}]: a numerical failure")
+    return reasons
 
 
 # ---------------------------------------------------------------------------------------------- MS-SSIM

@@ -84,6 +84,10 @@ def _score_plot(column: str, finding: dict, states: list, scores: np.ndarray, mi
     return _png(figure)
 
 
+def _withheld(entry: dict) -> str:
+    return f"not meaningful: {entry['reason']}"
+
+
 def _fmt(value, digits: int = 4) -> str:
     if value is None:
         return "n/a"
@@ -107,24 +111,42 @@ def _verifier_note(s: dict) -> list[str]:
 
 
 def _markdown(s: dict, finding_plots: dict, has_ms_ssim_plot: bool) -> str:
-    # every name from the manifest or the label map is escaped (cxrgen.markdown): viewers render HTML too
-    lines = ["# Evaluation of a cxrgen run", "", f"Run: {md_code(s['out'])}. {s['n_images']} images, "
-             f"{s['n_accepted']} accepted. Classifier: torchxrayvision {md_code(s['evaluator']['release'])} "
-             f"(weights sha256 `{s['evaluator']['sha256'][:16]}...`). Research use only.", ""]
+    # every name from the manifest, the label map or the file system is escaped (cxrgen.markdown): viewers render HTML
+    weights = s["evaluator"]
+    verdict = {True: "**the published release**", False: "**not the published release**",
+               None: "**not checked against the release**"}[weights["published_release"]]
+    lines = ["# Evaluation of a cxrgen run", ""]
+    if s.get("demo_model"):
+        lines += ["> **Demo model: every image of this run is noise.** The figures below only show that the "
+                  "evaluation runs; they say nothing about any model of chest X-rays.", ""]
+    lines += [f"Run: {md_code(s['out'])}. {s['n_images']} images, {s['n_accepted']} accepted. Research use only.", "",
+              f"Classifier: torchxrayvision {md_code(weights['release'])}, from the weight file "
+              f"{md_code(weights['file_name'])} ({weights['size']:,} bytes, sha256 `{weights['sha256']}`, at "
+              f"{md_code(weights['weights'])}): {verdict} ({md_text(weights['check'])}). Every score and figure below "
+              "comes from this file."
+              + ("" if weights["published_release"] else " Figures from another file are not comparable with "
+                 "figures from the published classifier."), ""]
     lines += _verifier_note(s)
     # 1. fidelity
     lines += ["## Fidelity (against real images)", ""]
+    absurd = s.get("not_meaningful", {})
     if s["n_real"] is None:
         lines += ["Not measured: run `cxrgen evaluate OUT --real DIR` with a folder of real chest X-rays.", ""]
     else:
+        fid = _withheld(absurd["fid"]) if "fid" in absurd else _fmt(s["fid"])
+        kid = _withheld(absurd["kid"]) if "kid" in absurd else f"{_fmt(s['kid_mean'])} ± {_fmt(s['kid_std'])}"
         lines += ["| figure | value | meaning |", "|---|---|---|",
-                  f"| FID | {_fmt(s['fid'])} | Fréchet distance between the DenseNet feature distributions of the "
+                  f"| FID | {fid} | Fréchet distance between the DenseNet feature distributions of the "
                   "synthetic and real sets; 0 = same distribution, lower is better |",
-                  f"| KID | {_fmt(s['kid_mean'])} ± {_fmt(s['kid_std'])} | kernel (polynomial MMD) distance, unbiased "
+                  f"| KID | {kid} | kernel (polynomial MMD) distance, unbiased "
                   f"at small sizes; mean ± std over {s['kid_subsets']} subsets of {s['kid_subset_size']} |",
                   f"| real images | {s['n_real']} of {s['n_real_files']} | unreadable real files skipped: "
                   f"{s['n_real_unreadable']} |", ""]
-        if s["fid_biased"]:
+        if absurd:
+            lines += ["**Not meaningful** figures are withheld: their computed values lie outside what their definition "
+                      "allows for these features (see `not_meaningful` in summary.json), so they are no measurement "
+                      "of the images.", ""]
+        if s["fid_biased"] and not absurd:
             lines += ["**FID is biased at this size**: a side has fewer than 1,024 images, so FID is inflated and "
                       "only comparable with FIDs of sets of the same size; KID is the better guide here.", ""]
     # 2. diversity

@@ -4,21 +4,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cxrgen.errors import InputError
+from cxrgen.errors import CxrgenError, InputError, RunError
 from cxrgen.extras import extra_problem, require_extra
 from cxrgen.files import refuse_url
-from cxrgen.hub.download import (
+from cxrgen.hub.components import (
     Component,
     FileState,
     bundle_component,
     check,
     evaluator_component,
-    offline_error,
+    offline_error_all,
     read_marker,
-    stage,
     text_encoder_component,
     verifier_component,
 )
+from cxrgen.hub.download import missing_offline, stage
 from cxrgen.hub.sources import Source
 from cxrgen.pins import (
     DEFAULT_MODEL,
@@ -39,6 +39,7 @@ class ComponentReport:
     files: list[FileState]
     source: str | None = None
     revision: str | None = None  # the commit fetched, where the source has commits
+    fetched_with: list[str] = field(default_factory=list)  # what transferred the files (huggingface_hub 2.4.0, ...)
 
     @property
     def status(self) -> str:
@@ -54,7 +55,7 @@ class ComponentReport:
         """JSON-ready form."""
         c = self.component
         return {"kind": c.kind, "ref": c.ref, "folder": str(c.folder), "status": self.status, "source": self.source,
-                "revision": self.revision, "command": c.command,
+                "revision": self.revision, "fetched_with": self.fetched_with, "command": c.command,
                 "files": [{"path": str(f.path), "size": f.size, "status": f.status} for f in self.files]}
 
 
@@ -67,7 +68,7 @@ class CacheReport:
     optional: list[ComponentReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # components not in the cache (folders used in place, ...)
     others: list[str] = field(default_factory=list)  # other versions in the cache, not asked about
-    extra: str | None = None  # --evaluator: why the evaluate extra cannot be imported (None: it can)
+    extra: str | None = None  # --evaluator / --verifier: why the evaluate extra cannot be imported (None: it can)
 
     @property
     def complete(self) -> bool:
@@ -81,18 +82,20 @@ class CacheReport:
                 "optional": [c.to_dict() for c in self.optional], "notes": self.notes, "others": self.others}
 
     def problem(self) -> InputError | None:
-        """The error naming the first missing or corrupt file and the command that fetches it; None if complete."""
-        bad = next((r for r in self.components if r.status != "complete"), None)
-        if bad is None:
+        """The error naming every component with a missing or corrupt file and one command that fetches them all."""
+        bad = [(r.component, r.files) for r in self.components if r.status != "complete"]
+        if not bad:
             return None if self.extra is None else InputError(self.extra)
-        return offline_error(bad.component, bad.files)
+        return offline_error_all(bad)
 
     def lines(self) -> list[str]:
         """The human-readable report."""
         out = [f"cache: {self.cache_dir}"]
         for report in self.components + self.optional:
             c = report.component
-            where = f" (from {report.source} at {report.revision})" if report.source else ""
+            where = f" (from {report.source} at {report.revision}" if report.source else ""
+            where += f", fetched with {' and '.join(report.fetched_with)})" if where and report.fetched_with else \
+                ")" if where else ""
             out.append(f"{c.kind} {c.ref}: {report.status}{where}")
             out.append(f"  folder: {c.folder}")
             for state in report.files:
@@ -119,9 +122,17 @@ def download(cache_dir: str | Path, model: str = DEFAULT_MODEL, text_encoder: st
     if verifier is not None:
         require_extra("--verify")  # the weights are of no use without it
     if not offline:
-        report = cache_report(cache_dir, model, text_encoder, evaluator, verifier)
-        for component in report.components:
-            stage(component.component, source, progress=progress, log=log)
+        failures = []
+        for report in cache_report(cache_dir, model, text_encoder, evaluator, verifier).components:
+            try:  # every component is tried: one failure must not hide the state of the next
+                stage(report.component, source, progress=progress, log=log, rerun=True)
+            except CxrgenError as exc:
+                failures.append(exc)
+        if len(failures) == 1:
+            raise failures[0]
+        if failures:
+            kind = RunError if all(isinstance(f, RunError) for f in failures) else InputError
+            raise kind(f"{len(failures)} components could not be staged: " + " | ".join(str(f) for f in failures))
     return cache_report(cache_dir, model, text_encoder, evaluator, verifier)
 
 
@@ -148,13 +159,7 @@ def cache_report(cache_dir: str | Path, model: str = DEFAULT_MODEL, text_encoder
     verifier's weights, where asked)."""
     _refuse_urls(cache_dir, model, text_encoder)
     cache_dir = Path(cache_dir).expanduser().resolve()
-    components, notes = [], []
-    for option, value, make in (("--model", model, bundle_component), ("--text-encoder", text_encoder,
-                                                                         text_encoder_component)):
-        if Path(value).expanduser().is_dir():
-            notes.append(f"{option} {value} is a folder, used in place (not cached)")
-        else:
-            components.append(make(value, cache_dir))
+    components, notes = _components(cache_dir, model, text_encoder)
     if evaluator or (cache_dir / "torchxrayvision").is_dir():
         components.append(evaluator_component(EVALUATOR_URL, cache_dir))
     asked_verifier = verifier_release(cache_dir, verifier) if verifier is not None else None
@@ -167,20 +172,43 @@ def cache_report(cache_dir: str | Path, model: str = DEFAULT_MODEL, text_encoder
     for component in components:
         marker = read_marker(component) or {}
         reports.append(ComponentReport(component, check(component, deep=True), marker.get("source"),
-                                       marker.get("revision")))
+                                       marker.get("revision"), list(marker.get("fetched_with") or [])))
     # weights found in the cache but not asked about are shown, not required
     wanted = {"evaluator weights": evaluator, "verifier weights": asked_verifier is not None}
-    required = [r for r in reports if wanted.get(r.component.kind, True)
-                or r.component == asked_verifier]
+    required = [r for r in reports if wanted.get(r.component.kind, True) or r.component == asked_verifier]
     optional = [r for r in reports if r not in required]
-    # `cxrgen evaluate` needs the extra as much as the weights: exit 0 must mean it can run
-    return CacheReport(cache_dir, required, optional, notes, _others(cache_dir, components),
-                       extra_problem() if evaluator else extra_problem("--verify") if verifier is not None else None)
+    # `cxrgen evaluate` and `--verify` need the extra as much as the weights: exit 0 must mean they can run
+    extra = extra_problem() if evaluator else extra_problem("--verify") if verifier is not None else None
+    return CacheReport(cache_dir, required, optional, notes, _others(cache_dir, components), extra)
 
 
-def _refuse_urls(cache_dir, model: str, text_encoder: str) -> None:
-    for what, value in (("--cache-dir", cache_dir), ("--model", model), ("--text-encoder", text_encoder)):
-        refuse_url(value, what)
+def offline_problem(cache_dir: str | Path, model: str = DEFAULT_MODEL, text_encoder: str = DEFAULT_TEXT_ENCODER,
+                    source: Source | None = None) -> InputError | None:
+    """Offline, the one error naming everything a run lacks (the bundle and the text encoder together), or None.
+
+    A component counts as there when it is staged or whole in the Hugging Face cache (staging takes it from there).
+    """
+    cache = Path(cache_dir).expanduser().resolve()
+    # a folder is used in place; a path that is no folder is refused by the run itself, naming it (as
+    # cxrgen.model.bundle.resolve_model and cxrgen.model.text_encoder.load_text_encoder tell paths from names)
+    model_path = "/" in model or "\\" in model or model.startswith((".", "~"))
+    text_path = Path(text_encoder).is_absolute() or text_encoder.startswith((".", "~"))
+    components = [make(value, cache) for value, make, path in ((model, bundle_component, model_path),
+                                                              (text_encoder, text_encoder_component, text_path))
+                  if not path and not Path(value).expanduser().is_dir()]
+    return missing_offline(components, source)
+
+
+def _components(cache_dir: Path, model: str, text_encoder: str) -> tuple[list[Component], list[str]]:
+    """The cached components a run with these options needs; a --model or --text-encoder folder is used in place."""
+    components, notes = [], []
+    for option, value, make in (("--model", model, bundle_component), ("--text-encoder", text_encoder,
+                                                                         text_encoder_component)):
+        if Path(value).expanduser().is_dir():
+            notes.append(f"{option} {value} is a folder, used in place (not cached)")
+        else:
+            components.append(make(value, cache_dir))
+    return components, notes
 
 
 def _others(cache_dir: Path, components: list[Component]) -> list[str]:
@@ -192,3 +220,8 @@ def _others(cache_dir: Path, components: list[Component]) -> list[str]:
             found += [f"{kind}/{p.name}" for p in sorted(folder.iterdir())
                       if p.is_dir() and not p.name.startswith(".") and p not in asked]
     return found
+
+
+def _refuse_urls(cache_dir, model: str, text_encoder: str) -> None:
+    for what, value in (("--cache-dir", cache_dir), ("--model", model), ("--text-encoder", text_encoder)):
+        refuse_url(value, what)

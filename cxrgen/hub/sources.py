@@ -1,18 +1,23 @@
-"""Where staged files come from: Hugging Face repos and plain URLs over HTTPS (WebSource), or a fake in tests.
+"""Where staged files come from: Hugging Face repos through huggingface_hub, and plain URLs for what no hub serves.
 
-A source lists a repo's files (sizes, hashes, the commit a revision resolves to) and opens one URL from a
-byte offset; cxrgen.hub.download does the rest (the .part files, the checks, the record).
+A source lists a repo's files (sizes, LFS sha256, the commit a revision resolves to), fetches one listed file
+with huggingface_hub's own transfer (its retries that resume a cut, its Xet backend, its token and redirect rules,
+HF_ENDPOINT), finds a file already in the user's Hugging Face cache, and opens a plain URL from a byte offset:
+the one hand-written transfer left, for NVIDIA's hosting zip of a bundle and the evaluator's GitHub release.
 """
 from __future__ import annotations
 
-import io
+import http.client
+import os
 import re
+import shutil
 import socket
 import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO, Protocol, Sequence
 
 from cxrgen import __version__
@@ -33,7 +38,7 @@ def hosting_url(name: str, version: str) -> str:
 
 @dataclass(frozen=True)
 class RemoteFile:
-    """One file of a listing: where it goes (path in the component), where it comes from, what to expect."""
+    """One file of a listing: its path in the repo (or name at a URL), where it comes from, what to expect."""
 
     path: str
     url: str
@@ -50,51 +55,74 @@ class Listing:
 
 
 class Source(Protocol):
-    """Where files come from: the web (WebSource) or, in tests, a local folder."""
+    """Where files come from (WebSource; tests point it at servers on 127.0.0.1)."""
+
+    tool: str  # what transfers hub files, recorded with each file ("huggingface_hub 2.4.0")
 
     def listing(self, repo: str, revision: str, files: Sequence[str]) -> Listing: ...
+
+    def fetch(self, repo: str, revision: str, remote: RemoteFile, local_dir: Path, progress: bool) -> Path: ...
+
+    def cached(self, repo: str, path: str, revision: str) -> Path | None: ...
 
     def open(self, url: str, offset: int) -> tuple[BinaryIO, int]: ...
 
 
-class _SameOriginAuth(urllib.request.HTTPRedirectHandler):
-    """Follow redirects keeping Range (the stdlib copies ordinary headers) and the token only on the same origin.
-
-    The hub answers a file's resolve URL with a 302 to a signed CDN URL: the token must not follow it there
-    (it would leak, and signed storage URLs refuse a second credential), so it is an unredirected header.
-    """
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        token = req.unredirected_hdrs.get("Authorization")
-        if new is not None and token and _origin(req.full_url) == _origin(new.full_url):
-            new.add_unredirected_header("Authorization", token)
-        return new
-
-
-def _origin(url: str) -> tuple:
-    parts = urllib.parse.urlsplit(url)
-    return parts.scheme, parts.hostname, parts.port
-
-
 class WebSource:
-    """Hugging Face repos (listed with huggingface_hub, fetched over HTTPS with ranges) and plain URLs."""
+    """The Hugging Face hub at `endpoint` (default: huggingface_hub's, i.e. $HF_ENDPOINT) and plain URLs."""
+
+    def __init__(self, endpoint: str | None = None):
+        self._endpoint = endpoint.rstrip("/") if endpoint else None
+
+    @property
+    def endpoint(self) -> str:
+        from huggingface_hub import constants
+
+        return self._endpoint or constants.ENDPOINT
+
+    @property
+    def tool(self) -> str:
+        import huggingface_hub
+
+        return f"huggingface_hub {huggingface_hub.__version__}"
 
     def listing(self, repo: str, revision: str, files: Sequence[str]) -> Listing:
         """Sizes and LFS sha256 of `files` in repo at revision, and the commit it resolves to."""
-        if "://" in repo:  # a single file at a URL: its size comes with the download
-            return Listing(revision, [RemoteFile(files[0], repo)])
         from huggingface_hub import HfApi, constants, hf_hub_url
 
-        problem = hub_unreachable(constants.ENDPOINT)  # seconds, instead of the client's minutes of retries
+        if constants.HF_HUB_OFFLINE:  # huggingface_hub would refuse too; and no probe may touch the network
+            raise ConnectionError("HF_HUB_OFFLINE is set, so the hub is not asked")
+        problem = hub_unreachable(self.endpoint)  # seconds, instead of the client's minutes of retries
         if problem:
-            raise ConnectionError(f"the hub {constants.ENDPOINT} is unreachable ({problem})")
-        info = HfApi().repo_info(repo, revision=revision, files_metadata=True)
+            raise ConnectionError(f"the hub {self.endpoint} is unreachable ({problem})")
+        info = HfApi(endpoint=self.endpoint, library_name="cxrgen", library_version=__version__).model_info(
+            repo, revision=revision, files_metadata=True)
         wanted = set(files)
         # pinned to the commit the revision resolved to, so every file comes from the same snapshot
-        return Listing(info.sha, [RemoteFile(s.rfilename, hf_hub_url(repo, s.rfilename, revision=info.sha), s.size,
-                                             s.lfs.sha256 if s.lfs else None)
+        return Listing(info.sha, [RemoteFile(s.rfilename, hf_hub_url(repo, s.rfilename, revision=info.sha,
+                                                                     endpoint=self.endpoint),
+                                             s.size, s.lfs.sha256 if s.lfs else None)
                                   for s in info.siblings or [] if s.rfilename in wanted])
+
+    def fetch(self, repo: str, revision: str, remote: RemoteFile, local_dir: Path, progress: bool) -> Path:
+        """Download one listed file with huggingface_hub into local_dir (its local-dir layout, lock and metadata).
+
+        A cut transfer is retried and resumed by huggingface_hub itself; a file it finished there before a stop
+        is returned at once next time, not fetched again. The caller moves and verifies the file.
+        """
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils.tqdm import silent_tqdm
+
+        return Path(hf_hub_download(repo, remote.path, revision=revision, local_dir=local_dir, endpoint=self.endpoint,
+                                    library_name="cxrgen", library_version=__version__,
+                                    tqdm_class=None if progress else silent_tqdm))
+
+    def cached(self, repo: str, path: str, revision: str) -> Path | None:
+        """The file in the user's Hugging Face cache (HF_HUB_CACHE) at revision (a commit, branch or tag), or None."""
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo, path, revision=revision)
+        return Path(found) if isinstance(found, str) and os.path.isfile(found) else None
 
     def open(self, url: str, offset: int) -> tuple[BinaryIO, int]:
         """A response streaming url from offset; the offset actually served (0 if the server ignored the range)."""
@@ -102,18 +130,14 @@ class WebSource:
             raise InputError(f"{url}: only https, http and file URLs can be downloaded")
         request = urllib.request.Request(url, headers={"User-Agent": f"cxrgen/{__version__}"})
         if offset:
-            request.add_header("Range", f"bytes={offset}-")
-        token = _hub_token(url)
-        if token:
-            request.add_unredirected_header("Authorization", f"Bearer {token}")
-        opener = urllib.request.build_opener(_SameOriginAuth)
+            request.add_header("Range", f"bytes={offset}-")  # an ordinary header: redirects keep it
         try:
-            response = opener.open(request, timeout=60)
+            response = urllib.request.urlopen(request, timeout=60)
         except urllib.error.HTTPError as exc:
             total = _CONTENT_RANGE_TOTAL.search(exc.headers.get("Content-Range", "") if exc.headers else "")
             if exc.code == 416 and offset and total and int(total.group(1)) == offset:
                 exc.close()  # the .part file is already whole (stopped before its check): nothing left to read
-                return io.BytesIO(), offset
+                return _Empty(), offset
             raise
         if getattr(response, "status", None) != 206:
             return response, 0
@@ -123,6 +147,79 @@ class WebSource:
             raise OSError(f"{url}: asked for bytes from {offset:,}, the server sent "
                           f"{response.headers.get('Content-Range')!r}")
         return response, offset
+
+
+CHUNK = 1 << 20
+STAGING = ".hub"  # huggingface_hub's local-dir folder inside a component's folder, removed once it is staged
+
+
+def link_or_copy(src: Path, dest: Path) -> None:
+    """dest as a hard link to src (no extra space, src is never written in place), else a copy."""
+    dest.unlink(missing_ok=True)
+    try:
+        os.link(src.resolve(), dest)
+    except OSError:  # another file system, or links not allowed
+        shutil.copyfile(src, dest)
+
+
+class _Empty:
+    """The body of a download with nothing left to send."""
+
+    headers = None
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+class Cut(Exception):
+    """A plain download stopped early; its .part file keeps the bytes that arrived, and the next try resumes."""
+
+
+def download_url(source: Source, url: str, part: Path, size: int | None = None, progress: bool = True) -> None:
+    """Fetch url into part, resuming from part's size; raises Cut when the connection stops short.
+
+    A server that ignores the range (a 200 with the whole file) is written from the first byte again, never
+    appended; a body longer than the size the server announced is refused and the part removed.
+    """
+    from tqdm import tqdm
+
+    offset = part.stat().st_size if part.is_file() else 0
+    if size is not None and offset > size:
+        part.unlink()
+        offset = 0
+    if size is not None and offset == size:
+        return
+    stream, start = source.open(url, offset)
+    total = size if size is not None else content_total(stream, start)
+    with stream, open(part, "r+b" if part.exists() else "wb") as handle, \
+            tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=part.name[:-5],
+                 disable=not progress, leave=False) as bar:
+        handle.seek(start)
+        handle.truncate()  # a server that ignored the range sends everything again
+        try:
+            while chunk := stream.read(CHUNK):
+                handle.write(chunk)
+                bar.update(len(chunk))
+            if total is not None and handle.tell() < total:
+                # http.client ends a body cut short of its Content-Length quietly, as if it were whole
+                raise ConnectionError(f"the server sent {handle.tell():,} of {total:,} bytes")
+        except (OSError, http.client.HTTPException) as exc:
+            handle.flush()
+            os.fsync(handle.fileno())
+            raise Cut(f"download of {url} was cut at {handle.tell():,} bytes ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        handle.flush()
+        os.fsync(handle.fileno())
+        written = handle.tell()
+    if total is not None and written != total:
+        part.unlink()
+        raise OSError(f"{url}: {written:,} bytes arrived for a file of {total:,}; the partial file was removed")
 
 
 def content_total(stream, start: int) -> int | None:
@@ -135,16 +232,6 @@ def content_total(stream, start: int) -> int | None:
         return int(served.group(2))
     length = headers.get("Content-Length")
     return start + int(length) if length and str(length).isdigit() else None
-
-
-def _hub_token(url: str) -> str | None:
-    """The Hugging Face token (HF_TOKEN or the cached login) for a URL on the hub, as huggingface_hub sends it."""
-    from huggingface_hub import constants, get_token
-
-    if not url.startswith(constants.ENDPOINT + "/"):
-        return None  # never to the evaluator's GitHub release or NVIDIA's hosting
-    # the same rule as huggingface_hub's own requests (utils/_headers.get_token_to_send with token=None)
-    return None if constants.HF_HUB_DISABLE_IMPLICIT_TOKEN else get_token()
 
 
 def hub_unreachable(endpoint: str, timeout: float = HUB_PROBE_SECONDS) -> str | None:

@@ -5,13 +5,16 @@ estimate from the benchmark figures in docs/performance.md.
 """
 from __future__ import annotations
 
+import json
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cxrgen.config import RunConfig
+from cxrgen.config import RunConfig, split_ref
 from cxrgen.manifests.tokens import MAX_TOKENS, load_counter
 from cxrgen.manifests.workitems import load_plan
+from cxrgen.pins import DEFAULT_MODEL
 
 # docs/performance.md, "CPU figures": a 2-core AMD EPYC, float32, 4 steps, batch 4, real architecture.
 # 0.0371 images/s = 26.95 s per image, of which the UNet (4 steps x 2 guidance rows) is ~42 of ~48 CPU seconds;
@@ -24,6 +27,8 @@ CPU_LOAD_SECONDS = 7.6
 # 0.6393 x steps + 0.304 TFLOP; the issue-5 target is >= 10 images/s at 50 steps on one H100/H200.
 GPU_TFLOP_PER_STEP, GPU_TFLOP_PER_IMAGE = 0.6393, 0.304
 GPU_TARGET_IMAGES_PER_S, GPU_TARGET_STEPS = 10.0, 50
+# The architecture those figures are for (../shared/REFERENCE.md): another bundle takes another time.
+REAL_UNET_CHANNELS, REAL_LATENT = [256, 512, 768], (3, 64, 64)
 SHOWN = 20  # truncated or duplicate prompts listed without --show-all
 VALUES_SHOWN = 12  # label values listed per column
 
@@ -156,7 +161,33 @@ def estimate(config: RunConfig, images: int) -> list[str]:
                      f"({work:,.0f} TFLOP of work)")
     if config.device == "auto":
         lines.append("(--device auto uses every visible GPU, else the CPU; plan does not import torch to find out)")
-    return lines
+    note = architecture_note(config.model)
+    return lines + ([note] if note else [])
+
+
+def architecture_note(model: str) -> str | None:
+    """None when the estimate's architecture is the bundle's; else the line saying the estimate is not for it."""
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        name = split_ref(model)[0]
+        return None if name == DEFAULT_MODEL else \
+            f"(these times are for {DEFAULT_MODEL}'s architecture; {model} is another bundle, which plan does not read)"
+    try:  # plain JSON, as cxrgen.model.bundle reads it (that module needs torch; plan must not)
+        config = json.loads((folder / "configs" / "inference.json").read_text(encoding="utf-8"))
+        meta_path = folder / "configs" / "metadata.json"
+        demo = meta_path.is_file() and json.loads(meta_path.read_text(encoding="utf-8")).get("cxrgen_demo") is True
+        unet = config["diffusion_def"]
+        channels = unet.get("channels", unet.get("num_channels"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"(these times are for the real architecture; {folder} has no readable configs/inference.json)"
+    found = re.search(r"randn\(\s*\(\s*1\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\)", str(config.get("noise", "")))
+    latent = tuple(int(v) for v in found.groups()) if found else REAL_LATENT
+    if channels == REAL_UNET_CHANNELS and latent == REAL_LATENT:
+        return None
+    what = "the demo model (random weights), which takes seconds" if demo else "another architecture"
+    return (f"(these times are for the real architecture: UNet channels {REAL_UNET_CHANNELS}, latent "
+            f"{'x'.join(map(str, REAL_LATENT))}; the bundle {folder} is {what}: UNet channels {channels}, latent "
+            f"{'x'.join(map(str, latent))})")
 
 
 def _duration(seconds: float) -> str:

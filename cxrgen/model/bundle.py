@@ -10,7 +10,8 @@ from typing import Callable
 import torch
 
 from cxrgen.errors import InputError
-from cxrgen.hub.download import bundle_component, stage
+from cxrgen.hub.components import bundle_component
+from cxrgen.hub.download import stage
 from cxrgen.hub.sources import Source
 from cxrgen.model.checkpoint import load_into, md5sum, read_state_dict
 
@@ -18,7 +19,8 @@ SCALE_FACTOR = 0.3  # latent scaling of the bundle's sampler (scripts/sampler.py
 _CLASSES = {"AutoencoderKL": "autoencoder_def", "DiffusionModelUNet": "diffusion_def"}
 _SCHEDULES = {"scaled_linear": "scaled_linear_beta", "linear": "linear_beta"}
 
-# Where a named bundle is downloaded from: cxrgen.hub.sources.WebSource (the default), or a local fake in tests.
+# Where a named bundle is downloaded from: cxrgen.hub.sources.WebSource (the default; tests point it at a hub on
+# 127.0.0.1).
 BundleSource = Source
 
 
@@ -34,6 +36,7 @@ class BundleSpec:
     scheduler_args: dict
     latent_shape: tuple[int, int, int]  # (channels, height, width) of one image's latent
     checkpoints: dict = field(default_factory=dict)  # "autoencoder"/"diffusion_model" -> file path
+    demo: bool = False  # cxrgen's demo model (configs/metadata.json `cxrgen_demo`): random weights, noise images
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -69,6 +72,7 @@ def read_spec(root: str | Path) -> BundleSpec:
         scheduler_args=_scheduler_args(config, config_path),
         latent_shape=_latent_shape(config, nets["autoencoder_def"]),
         checkpoints={stem: _checkpoint_file(root, stem) for stem in ("autoencoder", "diffusion_model")},
+        demo=meta.get("cxrgen_demo") is True,
     )
 
 

@@ -21,7 +21,13 @@ from cxrgen.errors import InputError, first_line
 from cxrgen.extras import import_quietly
 from cxrgen.files import file_digest
 from cxrgen.hub.sources import Source
-from cxrgen.pins import EVALUATOR_RELEASE, VERIFIER_RELEASE
+from cxrgen.pins import (
+    EVALUATOR_FILE,
+    EVALUATOR_RELEASE,
+    EVALUATOR_SIZE,
+    KNOWN_SHA256,
+    VERIFIER_RELEASE,
+)
 
 RELEASE = EVALUATOR_RELEASE  # torchxrayvision's name of the weights trained on every dataset
 INPUT_SIZE = 224  # the release's input_resolution
@@ -48,10 +54,11 @@ def resolve_weights(weights: str | Path | None, cache_dir: str | Path, source: S
                     offline: bool = False, progress: bool = True) -> Path:
     """The weight file: --evaluator-weights itself, else $CXRGEN_HOME/torchxrayvision/<release file>, fetched once.
 
-    The fetch is `cxrgen download --evaluator`'s: through a resumable .part file, under the cache's lock (many
-    evaluations started at once download once), recorded as verified.
+    The fetch is `cxrgen download --evaluator`'s: the hub's copy through huggingface_hub when it is the release,
+    else the GitHub release through a resumable .part file; under the cache's lock (many evaluations started at
+    once download once), checked against the release's sha256 and recorded as verified.
     """
-    from cxrgen.hub.download import evaluator_component
+    from cxrgen.hub.components import evaluator_component
 
     if weights is not None:
         path = Path(weights).expanduser()
@@ -82,7 +89,7 @@ def resolve_verifier(weights: str, cache_dir: str | Path, source: Source | None 
     A file is known by the name its release publishes it under (the name says which pathologies its outputs
     were trained on and how they are calibrated); a renamed file is refused rather than guessed at.
     """
-    from cxrgen.hub.download import verifier_component
+    from cxrgen.hub.components import verifier_component
 
     value = str(weights or VERIFIER_RELEASE)
     known = releases()
@@ -108,7 +115,8 @@ def resolve_verifier(weights: str, cache_dir: str | Path, source: Source | None 
 def _fetch(component, info: dict, source: Source | None, offline: bool, progress: bool, what: str,
            flag: str) -> Path:
     """The component's release file, staged (fetched once, under the cache's lock) unless already there."""
-    from cxrgen.hub.download import Unavailable, offline_error, stage
+    from cxrgen.hub.components import Unavailable, offline_error
+    from cxrgen.hub.download import stage
 
     dest = component.folder / info["file_name"]
     if dest.is_file():  # staged by `cxrgen download`, or placed there by hand
@@ -121,6 +129,30 @@ def _fetch(component, info: dict, source: Source | None, offline: bool, progress
         raise InputError(f"cannot download the {what} {info['url']} ({exc.reasons}); download that file "
                          f"on a connected machine and place it at {dest}, or pass {flag}") from None
     return dest.resolve()
+
+
+def weights_identity(path: Path, sha256: str) -> dict:
+    """The weight file actually used, and whether it is torchxrayvision's published release file.
+
+    The published file is recognised by its sha256 (pins.KNOWN_SHA256; its name is reported, but a renamed
+    copy of the same bytes is the same file). Where no digest is published for the release's file name, a file
+    of that name "cannot be checked" (None) and a file of another name is not the release.
+    """
+    info = release_info()
+    name, size = info["file_name"], path.stat().st_size
+    want = KNOWN_SHA256.get(name)
+    if want is not None:
+        published = sha256 == want
+        reason = "its sha256 is the published release's" if published else \
+            f"its sha256 differs from the published release's ({want})" + \
+            (f" and its size ({size:,} bytes) from the release's {EVALUATOR_SIZE:,}"
+             if name == EVALUATOR_FILE and size != EVALUATOR_SIZE else "")
+    elif path.name != name:
+        published, reason = False, f"its name is not the release file's ({name}) and no digest is published"
+    else:
+        published, reason = None, "no sha256 of the release is known to cxrgen, so it cannot be checked"
+    return {"file_name": path.name, "size": size, "sha256": sha256, "published_release": published,
+            "release_file": name, "release_sha256": want, "check": reason}
 
 
 def allowed_classes() -> list[type]:

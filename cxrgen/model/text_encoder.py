@@ -14,7 +14,8 @@ import torch
 from cxrgen.config import split_ref
 from cxrgen.errors import InputError, first_line
 from cxrgen.files import file_digest
-from cxrgen.hub.download import is_staged, read_marker, stage, text_encoder_component
+from cxrgen.hub.components import is_staged, read_marker, text_encoder_component
+from cxrgen.hub.download import stage
 from cxrgen.hub.sources import hub_unreachable
 
 MAX_TOKENS = 77

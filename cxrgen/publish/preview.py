@@ -40,9 +40,11 @@ THUMBS_DIR = "thumbs"
 SHEET_PATTERN = re.compile(r"^prompt-\d{5,}-[0-9a-f]{8}-\d+\.png$")  # 100,000+ prompts: 6+ digits
 THUMB_QUALITY = 85
 PAD = 6  # pixels around tiles and captions on a contact sheet
+MIN_SHEET_WIDTH = 400  # pixels: a sheet of one or two tiles still has room for its prompt
+TITLE_LINES = 8  # a sheet's prompt wraps onto this many lines at most (77 tokens fit on fewer)
 _STAMP = "settings.json"  # thumbnail size and quality: a change makes every thumbnail stale
 _JS_SAFE_INT = 2**53 - 1  # Number.MAX_SAFE_INTEGER: larger integers lose digits in JSON.parse
-_SHEET_VERSION = "sheet-v1"  # part of every sheet's key: change it when the drawing changes
+_SHEET_VERSION = "sheet-v2"  # part of every sheet's key: change it when the drawing changes
 _SHEET_KEY = "cxrgen-sheet-key"  # PNG text chunk: a sheet whose inputs did not change is not redrawn
 _SCRIPT = re.compile(r"<script>(.*?)</script>", re.S)
 
@@ -98,6 +100,7 @@ def build_preview(out: Path | str, *, thumb_size: int = 128, per_sheet: int = 10
     labels = [name for name in table.column_names if name not in METADATA_SCHEMA.names]
     data = _gallery_data(out, rows, labels, scores, thumbs, sizes, group_of, list(groups), sheets, thumb_size)
     data["verification"] = _verification(out)
+    data["demo"] = (_run_json(out).get("resolved") or {}).get("demo") is True  # the page says: noise
     index = folder / "index.html"
     atomic_write(index, render_html(data).encode("utf-8"))
     return PreviewResult(index=index, images=len(rows), prompts=len(groups), sheets=sheets,
@@ -140,6 +143,14 @@ def _read_metadata(out: Path):
     if missing:
         raise InputError(f"{path} lacks the column(s) {', '.join(missing)}; it is not a cxrgen metadata table")
     return table
+
+
+def _run_json(out: Path) -> dict:
+    try:
+        data = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _read_scores(out: Path) -> dict[str, dict] | None:
@@ -212,19 +223,24 @@ def _thumb_dims(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def sheet_geometry(count: int, columns: int, thumb_size: int) -> dict:
-    """Where a contact sheet puts things: sheet size, header height, cell size and tile origins."""
+def sheet_geometry(count: int, columns: int, thumb_size: int, title: str = "", ids: tuple[str, ...] = ()) -> dict:
+    """Where a contact sheet puts things: sheet size, header height, cell size, tile origins, and the lines of
+    the title and of each id as they are drawn (wrapped, never cut: a sheet of one image keeps its prompt and id)."""
     font = caption_font()
     line = font.getbbox("Ag_0")[3] + 2
     cols = min(columns, count)
     rows = math.ceil(count / cols)
-    header = 2 * line + 2 * PAD
-    # room for the id and the widest seed (63 bits), which wraps rather than lose digits on small tiles
+    width = max(PAD + cols * (thumb_size + PAD), MIN_SHEET_WIDTH)
+    title_lines = _wrap(title, font, width - 2 * PAD, TITLE_LINES) if title else []
+    header = max(2, len(title_lines)) * line + 2 * PAD
+    id_lines = [_char_lines(image_id, font, thumb_size) for image_id in ids]
+    # room for the longest id and the widest seed (63 bits), both wrapped rather than cut on small tiles
     widest = max("0123456789", key=font.getlength) * 19  # 63-bit seeds have up to 19 digits
-    cell_w, cell_h = thumb_size, thumb_size + (1 + len(_seed_lines(widest, font, thumb_size))) * line
+    caption = max((len(lines) for lines in id_lines), default=1) + len(_seed_lines(widest, font, thumb_size))
+    cell_w, cell_h = thumb_size, thumb_size + caption * line
     origins = [(PAD + (k % cols) * (cell_w + PAD), header + (k // cols) * (cell_h + PAD)) for k in range(count)]
-    return {"size": (PAD + cols * (cell_w + PAD), header + rows * (cell_h + PAD)), "header": header,
-            "line": line, "cell": (cell_w, cell_h), "origins": origins}
+    return {"size": (width, header + rows * (cell_h + PAD)), "header": header, "line": line,
+            "cell": (cell_w, cell_h), "origins": origins, "title_lines": title_lines, "id_lines": id_lines}
 
 
 @functools.lru_cache(maxsize=1)
@@ -287,14 +303,13 @@ def render_sheet(title: str, tiles: list[tuple[Path | None, str, int | None]], t
                  columns: int) -> Image.Image:
     """A grayscale grid of thumbnails (centred in their cells), each captioned with image_id and seed, under
     a title; a tile whose thumbnail is None is outlined and marked unreadable."""
-    geometry = sheet_geometry(len(tiles), columns, thumb_size)
+    geometry = sheet_geometry(len(tiles), columns, thumb_size, title, tuple(t[1] for t in tiles))
     font, line = caption_font(), geometry["line"]
     sheet = Image.new("L", geometry["size"], 24)  # grayscale like the images: a third of RGB's encoding time
     draw = ImageDraw.Draw(sheet)
-    width = geometry["size"][0] - 2 * PAD
-    for k, text in enumerate(_wrap(title, font, width, 2)):
+    for k, text in enumerate(geometry["title_lines"]):
         draw.text((PAD, PAD + k * line), text, fill=255, font=font)
-    for (thumb, image_id, seed), (x, y) in zip(tiles, geometry["origins"]):
+    for (thumb, image_id, seed), (x, y), id_lines in zip(tiles, geometry["origins"], geometry["id_lines"]):
         if thumb is None:
             draw.rectangle([x, y, x + thumb_size - 1, y + thumb_size - 1], outline=160)
             draw.text((x + 4, y + 4), "unreadable", fill=255, font=font)
@@ -302,7 +317,7 @@ def render_sheet(title: str, tiles: list[tuple[Path | None, str, int | None]], t
             with Image.open(thumb) as image:
                 sheet.paste(image.convert("L"), (x + (thumb_size - image.width) // 2,
                                                  y + (thumb_size - image.height) // 2))
-        caption = [_fit(image_id, font, thumb_size), *_seed_lines(seed, font, thumb_size)]
+        caption = [*id_lines, *_seed_lines(seed, font, thumb_size)]
         for k, text in enumerate(caption):
             draw.text((x, y + thumb_size + 1 + k * line), text, fill=220, font=font)
     return sheet
@@ -321,6 +336,17 @@ def _seed_lines(seed: int | str | None, font, width: int) -> list[str]:
             lines.append(current)
             current = ""
         current += digit
+    return [*lines, current]
+
+
+def _char_lines(text: str, font, width: int) -> list[str]:
+    """text on as many lines of `width` pixels as it needs, broken between characters: nothing is cut."""
+    lines, current = [], ""
+    for char in _drawable(" ".join(text.split()), font):
+        if current and font.getlength(current + char) > width:
+            lines.append(current)
+            current = ""
+        current += char
     return [*lines, current]
 
 

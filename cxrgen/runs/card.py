@@ -31,14 +31,20 @@ def write_run_card(out: Path) -> Path:
     return write_card(out, pq.read_table(out / "metadata.parquet"), run, verification=verification_stats(out, run))
 
 
-def write_card(folder: Path, table: pa.Table, run: dict, note: str = "", verification: dict | None = None) -> Path:
-    """Write folder/README.md describing `table` (a metadata.parquet) of the run `run` (its run.json)."""
+def write_card(folder: Path, table: pa.Table, run: dict, note: str = "", verification: dict | None = None,
+               shards: list[str] | None = None) -> Path:
+    """Write folder/README.md describing `table` (a metadata.parquet) of the run `run` (its run.json).
+
+    shards: the folder holds these WebDataset shards (`cxrgen export --format webdataset`) instead of
+    metadata.parquet and images/.
+    """
     path = Path(folder) / CARD
-    atomic_write(path, card_text(table, run, note, verification).encode("utf-8"))
+    atomic_write(path, card_text(table, run, note, verification, shards).encode("utf-8"))
     return path
 
 
-def card_text(table: pa.Table, run: dict, note: str = "", verification: dict | None = None) -> str:
+def card_text(table: pa.Table, run: dict, note: str = "", verification: dict | None = None,
+              shards: list[str] | None = None) -> str:
     """The card's Markdown: front matter, counts, labels, (--verify's figures), settings, model and terms, loading,
     citation.
 
@@ -47,9 +53,10 @@ def card_text(table: pa.Table, run: dict, note: str = "", verification: dict | N
     """
     image_format = run["config"]["image_format"]
     bundle = _bundle_facts(run)
-    parts = [front_matter(image_format), _intro(table, run, note), _labels(table),
+    demo = run.get("resolved", {}).get("demo") is True
+    parts = [front_matter(image_format, shards, demo), _intro(table, run, note, shards), _labels(table),
              *([card_section(verification)] if verification is not None else []), _settings(table, run),
-             _model(table, bundle), _loading(), _provenance(image_format), _citation(bundle)]
+             _model(table, bundle), _loading(shards), _provenance(image_format), _citation(bundle)]
     return "\n".join(parts)
 
 
@@ -58,15 +65,18 @@ def label_columns(table: pa.Table) -> list[str]:
     return [name for name in table.column_names if name not in METADATA_SCHEMA.names]
 
 
-def front_matter(image_format: str) -> str:
-    """The YAML front matter: Hub tags and the one `train` split (metadata.parquet + the images)."""
+def front_matter(image_format: str, shards: list[str] | None = None, demo: bool = False) -> str:
+    """The YAML front matter: Hub tags and the one `train` split (metadata.parquet + the images, or the shards)."""
     # Written by hand: a fixed, tiny YAML document needs no YAML library.
-    return ("---\nlicense: other\npretty_name: Synthetic chest X-rays (cxrgen)\ntags:\n- synthetic\n"
-            "- chest-x-ray\n- medical-imaging\n- cxrgen\nconfigs:\n- config_name: default\n  data_files:\n"
-            f"  - split: train\n    path:\n    - metadata.parquet\n    - images/**/*.{image_format}\n---\n")
+    files = "    - train-*.tar\n" if shards else f"    - metadata.parquet\n    - images/**/*.{image_format}\n"
+    what = ("pretty_name: cxrgen demo (random noise, not chest X-rays)\ntags:\n- cxrgen\n- demo\n- noise\n" if demo
+            else "pretty_name: Synthetic chest X-rays (cxrgen)\ntags:\n- synthetic\n- chest-x-ray\n"
+                 "- medical-imaging\n- cxrgen\n")
+    return (f"---\nlicense: other\n{what}configs:\n- config_name: default\n  data_files:\n"
+            f"  - split: train\n    path:\n{files}---\n")
 
 
-def _intro(table: pa.Table, run: dict, note: str) -> str:
+def _intro(table: pa.Table, run: dict, note: str, shards: list[str] | None = None) -> str:
     rows = table.num_rows
     prompts = len(set(table.column("prompt").to_pylist()))
     manifest_rows = len(set(table.column("manifest_row").to_pylist()))
@@ -75,15 +85,22 @@ def _intro(table: pa.Table, run: dict, note: str) -> str:
              "> **Every image here is synthetic**: made by a diffusion model from a text prompt, not taken from a "
              "patient. For research only; not for clinical use, diagnosis or treatment decisions. Each file "
              "carries this marker itself (see *Provenance*).", ""]
+    if resolved.get("demo") is True:
+        lines = ["# Demo dataset: random noise, not chest X-rays", "",
+                 "> **Every image here is noise.** It was made with cxrgen's demo model (`cxrgen download --demo`), "
+                 "whose weights are random: no image shows anything. It exists to check an install, a GPU, a "
+                 "cluster launch, an export or a gallery. Never train, evaluate or publish on it as data.", ""]
     if note:
         lines += [note, ""]  # the caller's own Markdown, its data already escaped
+    where = f"in {len(shards or [])} WebDataset shard(s) `train-NNNNNN.tar`" if shards else "under `images/`"
+    columns = ", ".join(md_code(c) for c in table.column_names)
+    table_line = (f"- each sample's `<key>.json`: its metadata row; columns {columns}" if shards
+                  else f"- `metadata.parquet`: one row per image in plan order; columns {columns}")
     lines += ["## Contents", "",
               f"- images: {rows} ({run['config']['image_format'].upper()}, "
-              f"{resolved.get('height', '?')} x {resolved.get('width', '?')} pixels, 8-bit grayscale), "
-              "under `images/`",
+              f"{resolved.get('height', '?')} x {resolved.get('width', '?')} pixels, 8-bit grayscale), {where}",
               f"- distinct prompts: {prompts}, from {manifest_rows} manifest row(s)",
-              f"- `metadata.parquet`: one row per image in plan order; columns "
-              f"{', '.join(md_code(c) for c in table.column_names)}",
+              table_line,
               f"- made by cxrgen {md_text(run.get('cxrgen_version', '?'))}, run started "
               f"{md_text(run.get('created_at', '?'))}",
               "- `cxrgen evaluate` adds `quality/` (scores, accept flags, report); `cxrgen preview` adds "
@@ -188,7 +205,21 @@ def _model(table: pa.Table, bundle: dict) -> str:
     return "\n".join(lines)
 
 
-def _loading() -> str:
+def _loading(shards: list[str] | None = None) -> str:
+    if shards:  # this folder holds the shards: their real names
+        last = len(shards) - 1
+        pattern = "train-000000.tar" if not last else f"train-{{000000..{last:06d}}}.tar"
+        return "\n".join([
+            "## How to load", "",
+            f"Each sample is `<key>.jpg` (or `.png`) + `<key>.json`, the metadata row; {len(shards)} shard(s):", "",
+            "```python",
+            "import webdataset as wds",
+            f'for sample in wds.WebDataset("SHARDS/{pattern}").decode("pil"):   # SHARDS: this folder',
+            '    image, row = sample.get("jpg", sample.get("png")), sample["json"]',
+            "",
+            "import datasets",
+            'ds = datasets.load_dataset("SHARDS", split="train")  # this card pins the shards as the one split',
+            "```", ""])
     return "\n".join([
         "## How to load", "",
         "```python",
@@ -199,11 +230,13 @@ def _loading() -> str:
         'ds = datasets.load_dataset("OUT", split="train")  # this card pins the one split: image + every column',
         "```", "",
         "`cxrgen export OUT --format webdataset --to SHARDS` writes WebDataset shards "
-        "(`<key>.jpg` or `.png` + `<key>.json`, the metadata row):", "",
+        "(`<key>.jpg` or `.png` + `<key>.json`, the metadata row) and a card in SHARDS naming them; read every "
+        "shard, however many there are:", "",
         "```python",
+        "import glob",
         "import webdataset as wds",
-        'for sample in wds.WebDataset("SHARDS/train-{000000..000009}.tar").decode("pil"):',
-        '    image, row = sample["jpg"], sample["json"]',
+        'for sample in wds.WebDataset(sorted(glob.glob("SHARDS/train-*.tar"))).decode("pil"):',
+        '    image, row = sample.get("jpg", sample.get("png")), sample["json"]',
         "```", "",
         "`cxrgen export OUT --format imagefolder --accepted-only --to KEPT` keeps only the images "
         "`cxrgen evaluate` accepted.", ""])

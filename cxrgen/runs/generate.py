@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from cxrgen import __version__
 from cxrgen.config import (
@@ -25,6 +24,7 @@ from cxrgen.config import (
 )
 from cxrgen.errors import CxrgenError, InputError
 from cxrgen.files import STATE_DIR, TMP_MARK, local_path, resume_command, write_json
+from cxrgen.hub.info import offline_problem
 from cxrgen.manifests.reader import Manifest
 from cxrgen.manifests.workitems import load_plan
 from cxrgen.model.bundle import BundleSource, load_bundle, read_spec, resolve_model
@@ -41,6 +41,7 @@ from cxrgen.runs.lock import (
     unlocked_warning,
 )
 from cxrgen.runs.loop import BatchLoop, SignalGuard, batches_of, sized_batches
+from cxrgen.runs.progress import DEMO_WARNING, Progress, prefix, summary
 from cxrgen.runs.record import run_record
 from cxrgen.runs.state import done_items, finalize_once, metadata_rows, read_run_json
 from cxrgen.runs.verify import differences, plan_work, prepare
@@ -58,7 +59,6 @@ from cxrgen.runs.workers import (
 )
 
 Log = Callable[[str], None]
-
 
 @dataclass(frozen=True)
 class RunResult:
@@ -139,6 +139,11 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
         _refuse_changed(out, saved, _pixel_settings(config, manifest, plan, dtype, saved["settings"]["checkpoint_md5"],
                                                     saved["settings"].get("text_encoder_fingerprint"), verification))
         _check_split(saved, rank)
+    if config.offline:  # everything missing named at once, before anything is claimed or written
+        problem = offline_problem(config.cache_dir or str(Path.home() / ".cache" / "cxrgen"), config.model,
+                                  config.text_encoder)
+        if problem:
+            raise problem
     with contextlib.ExitStack() as held:
         rank_lock = None
         if rank is not None:  # claimed before loading, so a duplicate rank is refused at once and others see it
@@ -152,6 +157,8 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
         if sole:
             use_device(resolved[0])  # this process's GPU before anything lands on one (else GPU 0)
         bundle, text = load_models(config, bundle_root, devices[0] if sole else "cpu")
+        if bundle.spec.demo and not config.quiet:
+            log(f"{prefix(rank)}{DEMO_WARNING}")
         settings = _pixel_settings(config, manifest, plan, dtype, bundle.md5, text.fingerprint, verification)
         # 3. claim the folder (ranks share it); record the run, or compare with the recorded one again:
         # another run may have started in this folder while the models loaded
@@ -180,14 +187,16 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
         # remaking lost or damaged images of a merged run: the merged rows describe their older records
         remakes = bool(todo) and metadata_rows(out) == len(plan)
         if (done or (saved is not None and rank is None)) and not config.quiet:
-            log(f"{_prefix(rank)}resuming the run in {out}: {len(done)} of {len(mine)} image(s)"
+            log(f"{prefix(rank)}resuming the run in {out}: {len(done)} of {len(mine)} image(s)"
                 f"{' of this share' if rank else ''} already done")
         # --batch-size 0 on a GPU is sized by the process that samples there, from its own free memory (which
         # only a CUDA context on that GPU can read), then calibrated by its first batch
         fixed = config.batch_size or (CPU_BATCH if all(d.type == "cpu" for d in resolved) else 0)
         # 4. sample: in this process, or in one worker process per device pulling batches from a queue
-        progress = _Progress(len(plan) if rank is None else len(todo), len(plan) - len(todo) if rank is None else 0,
+        progress = Progress(len(plan) if rank is None else len(todo), len(plan) - len(todo) if rank is None else 0,
                              config.quiet, rank, log)
+        # closed however sampling ends: a stop's message then starts on its own line and no bar is redrawn after it
+        held.callback(progress.close)
         if sole:
             engine = make_engine(config, bundle, text, devices[0], sample_dtype)
             batches = batches_of(todo, fixed) if fixed else sized_batches(todo, lambda: engine.batch_size)
@@ -221,10 +230,10 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
     written = sum(r.images for r in results)
     seconds = max((r.seconds for r in results), default=0.0)
     if not config.quiet:
-        _summary(rank, results, written, seconds, out, plan, metadata, len(missing), share_missing, log)
+        summary(rank, results, written, seconds, out, plan, metadata, len(missing), share_missing, log)
         if verification is not None:
             for line in stats_lines(verification_stats(out, read_run_json(out))):
-                log(f"{_prefix(rank)}{line}")
+                log(f"{prefix(rank)}{line}")
     return RunResult(out, len(plan), len(done), written, seconds, saved is not None, metadata, len(missing),
                      share_missing == 0)
 
@@ -257,7 +266,7 @@ def wait_for_other_ranks(out: Path, plan: list, manifest: Manifest, rank: Rank, 
         if not running and time.monotonic() >= not_before:
             return None
         if log is not None and not told:
-            log(f"{_prefix(rank)}this rank's share is done; waiting for the other ranks to finish theirs")
+            log(f"{prefix(rank)}this rank's share is done; waiting for the other ranks to finish theirs")
             told = True
         # a check reads every record and stats every file: on a huge run, poll less often than it takes
         time.sleep(max(poll, 2 * (time.monotonic() - checked)))
@@ -336,55 +345,6 @@ def _check_split(saved: dict, rank: Rank | None) -> None:
 
 def _worker_name(rank: Rank | None, index: int) -> str:
     return rank.name if rank else ("main" if index == 0 else f"w{index}")
-
-
-def _prefix(rank: Rank | None) -> str:
-    if rank is None:
-        return "cxrgen: "
-    if rank.shard is None:
-        return f"[rank {rank.rank}/{rank.world_size}] "
-    within = f", rank {rank.rank // rank.shard[1]}/{rank.world_size // rank.shard[1]}" \
-        if rank.world_size > rank.shard[1] else ""
-    return f"[shard {rank.shard[0]}/{rank.shard[1]}{within}] "
-
-
-class _Progress:
-    """One tqdm bar on a single node; plain prefixed log lines per batch under a launcher."""
-
-    def __init__(self, total: int, initial: int, quiet: bool, rank: Rank | None, log: Log):
-        self.total, self.count, self.quiet, self.rank, self.log = total, initial, quiet, rank, log
-        self.prefix = _prefix(rank)
-        self.bar = None if (quiet or rank) else tqdm(total=total, initial=initial, unit="img", desc="cxrgen",
-                                                     dynamic_ncols=True)
-
-    def update(self, n: int) -> None:
-        self.count += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.rank is not None and not self.quiet:
-            self.log(f"{self.prefix}{self.count}/{self.total} image(s) of this rank's share")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _summary(rank, results: list, written: int, seconds: float, out: Path, plan: list, metadata, remaining: int,
-             share_remaining: int, log: Log) -> None:
-    for r in results if len(results) > 1 or rank else []:
-        rate = r.images / r.seconds if r.seconds > 0 else 0.0
-        log(f"{_prefix(rank)}worker {r.name}: {r.images} image(s) in {r.seconds:.1f} s ({rate:.2f} images/s)")
-    rate = written / seconds if seconds > 0 else 0.0
-    log(f"{_prefix(rank)}wrote {written} image(s) in {seconds:.1f} s ({rate:.2f} images/s); {len(plan)} planned. "
-        f"Images: {out / 'images'}" + (f"  Metadata: {metadata}" if metadata else ""))
-    if metadata is not None:
-        return
-    if rank is not None and rank.shard is not None and share_remaining == 0:
-        log(f"{_prefix(rank)}shard {rank.shard[0]} of {rank.shard[1]} is complete; {remaining} of {len(plan)} "
-            "image(s) remain for the other shards (the last one to finish writes metadata.parquet)")
-    else:
-        log(f"{_prefix(rank)}this rank's share is done, but {remaining} of {len(plan)} image(s) remain and no other "
-            f"rank is making them (they stopped or never started): finish with `{resume_command(out)}`")
 
 
 def sample_batches(engine: Engine, out: Path, batches, config: RunConfig, name: str,

@@ -23,6 +23,7 @@ def run_record(config: RunConfig, manifest: Manifest, settings: dict, bundle, de
             "devices": devices, "bundle_root": str(bundle.spec.root), "model_name": bundle.spec.name,
             "model_version": bundle.spec.version, "height": bundle.spec.image_size[0],
             "width": bundle.spec.image_size[1], "latent_shape": list(bundle.spec.latent_shape),
+            "demo": bundle.spec.demo,  # random weights: every output says its images are noise
         },
         "manifest": {"path": manifest.path, "sha256": manifest.sha256, "rows": len(manifest.rows)},
         "versions": library_versions(("torch", "monai", "transformers", "pyarrow", "pandas", "pillow", "numpy")),

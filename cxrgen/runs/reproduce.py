@@ -19,6 +19,7 @@ from cxrgen.files import (
     refuse_url,
     resume_command,
 )
+from cxrgen.hub.info import offline_problem
 from cxrgen.manifests.workitems import WorkItem
 from cxrgen.model.bundle import BundleSource, resolve_model
 from cxrgen.provenance import encode_image, provenance_of, read_provenance
@@ -75,6 +76,9 @@ def reproduce_image(out: str | Path, image_id: str, *, bundle_source: BundleSour
     # the image's own dtype: a 16-bit GPU run resumed on the CPU made those images in float32
     dtype = dtype or record.get("dtype") or saved["settings"]["dtype"]
     cache_dir = config.cache_dir or str(Path.home() / ".cache" / "cxrgen")  # as the run resolved it
+    problem = offline_problem(cache_dir, config.model, config.text_encoder) if offline else None
+    if problem:  # the bundle and the text encoder named together
+        raise problem
     bundle_root = resolve_model(config.model, cache_dir, bundle_source, offline=offline)
     bundle, text = load_models(config, bundle_root, device)
     if bundle.md5 != saved["settings"]["checkpoint_md5"]:

@@ -204,6 +204,9 @@ class RunStatus:
     metadata_rows: int = -1  # rows of metadata.parquet; -1 when it is absent or unreadable
     card: bool = False  # OUT/README.md exists
     verification: dict | None = None  # --verify's figures (cxrgen.runs.verify_stats), None for a plain run
+    checked: int = 0  # recorded files looked at (one stat each, or re-read and decoded with verify)
+    verified: bool = False  # checked with verify
+    demo: bool = False  # made with the demo model: its images are noise
 
     @property
     def remaining(self) -> int:
@@ -239,6 +242,7 @@ def inspect_run(out: str | Path, verify: bool = False) -> RunStatus:
         missing_files=sorted(n for n in recorded_files if n and n not in ok),
         orphaned_files=sorted(on_disk - recorded_files - candidates),
         temp_files=[str(p.relative_to(out)) for p in temp_files(out)],
+        checked=len(pairs), verified=verify, demo=saved.get("resolved", {}).get("demo") is True,
     )
     status.metadata_rows, status.card = metadata_rows(out), (out / CARD).is_file()
     status.finalized = status.metadata_rows == status.planned and status.remaining == 0 and status.card

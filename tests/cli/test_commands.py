@@ -12,7 +12,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import tiny
 import torch
 import typer.main
 from helpers import assert_input_error, run_args
@@ -21,6 +20,7 @@ from typer.testing import CliRunner
 
 import cxrgen
 from cxrgen.cli import app
+from cxrgen.model import demo
 
 # Every column issue 2 asks metadata.parquet to have, in cxrgen's names.
 METADATA_COLUMNS = [
@@ -137,7 +137,7 @@ def test_generate_makes_images_metadata_and_run_json(tmp_path, manifest, bundle_
     assert rows[0]["prompt"] == "Small left pleural effusion"
     from transformers import CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(str(tiny.TOKENIZER))
+    tokenizer = CLIPTokenizer.from_pretrained(str(Path(__file__).resolve().parents[1] / "fixtures" / "sd2-tokenizer"))
     count = len(tokenizer("Small left pleural effusion")["input_ids"])
     assert (rows[0]["token_count"], rows[0]["truncated"]) == (count, False)
     assert rows[2]["prompt"] == LONG_PROMPT and rows[2]["truncated"] is True
@@ -332,7 +332,7 @@ BAD_MODELS = {
     "text encoder folder missing": (lambda tmp, b, t: (b, tmp / "no_text"), ["--text-encoder"]),
     "text encoder repo offline": (lambda tmp, b, t: (b, "cxrgen-tests/no-such-repo"),
                                   ["cxrgen-tests/no-such-repo", "--text-encoder"]),
-    "text width mismatch": (lambda tmp, b, t: (b, tiny.build_text_encoder(tmp / "narrow", width=16)),
+    "text width mismatch": (lambda tmp, b, t: (b, demo.build_text_encoder(tmp / "narrow", width=16)),
                             ["cross_attention_dim"]),
 }
 

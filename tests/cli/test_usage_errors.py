@@ -27,6 +27,22 @@ def test_usage_error_is_one_line_with_the_fix_and_the_help_hint(args, words):
     assert done.stdout == "" and "Usage:" not in done.stderr
 
 
+def test_usage_lines_name_arguments_without_braces():
+    from typer.testing import CliRunner
+
+    from cxrgen.cli import COMMANDS, app
+
+    usages = {}
+    for name, _ in COMMANDS:
+        result = CliRunner().invoke(app, [*name.split(" "), "--help"], prog_name="cxrgen")
+        assert result.exit_code == 0, result.output
+        usages[name] = next(line for line in result.stdout.splitlines() if line.startswith("Usage:"))
+    assert usages["generate"] == "Usage: cxrgen generate [OPTIONS] MANIFEST"
+    assert usages["reproduce"] == "Usage: cxrgen reproduce [OPTIONS] OUT IMAGE_ID"
+    assert usages["manifest from-labels"] == "Usage: cxrgen manifest from-labels [OPTIONS] LABELS"
+    assert not [usage for usage in usages.values() if "{" in usage or "}" in usage], usages
+
+
 def test_help_version_and_bare_commands_still_print_help():
     bare, group, help_, version = cxrgen(), cxrgen("manifest"), cxrgen("download", "--help"), cxrgen("--version")
     assert bare.returncode == 2 and "Commands:" in bare.stdout + bare.stderr and "download" in bare.stdout + bare.stderr

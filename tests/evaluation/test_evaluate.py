@@ -20,13 +20,13 @@ import pandas as pd
 import pytest
 import tiny_eval as te
 import torch
-from fake_hub import FolderSource
 from helpers import assert_input_error
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 import cxrgen.hub.download
 import cxrgen.model.classifier
+import cxrgen.pins
 from cxrgen.cli import app
 from cxrgen.errors import InputError
 from cxrgen.evaluation.evaluate import EvalOptions, evaluate_run
@@ -37,7 +37,7 @@ from cxrgen.evaluation.metrics import (
     ms_ssim_values,
     random_pairs,
 )
-from cxrgen.hub.download import MARKER, evaluator_component, is_staged
+from cxrgen.hub.components import MARKER, evaluator_component, is_staged
 from cxrgen.hub.sources import WebSource
 from cxrgen.model.classifier import Evaluator, resolve_weights
 
@@ -386,15 +386,17 @@ def test_real_table_with_paths_labels_and_an_unreadable_file(tmp_path, weights, 
     assert s["fid"] is not None and s["ms_ssim_real_pairs"] == 10
 
 
-def test_weights_are_fetched_once_into_cxrgen_home_through_the_source(tmp_path, weights, home, monkeypatch):
+def test_weights_are_fetched_once_into_cxrgen_home_through_the_source(tmp_path, weights, home, monkeypatch,
+                                                                      loopback_hub):
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # conftest's: the CLI would stay offline
         monkeypatch.delenv(name)
-    source = FolderSource(tmp_path / "hub")
-    source.add_url(te.RELEASE["weights_url"], weights)
+    monkeypatch.setitem(cxrgen.pins.KNOWN_SHA256, te.RELEASE_FILE, hashlib.sha256(weights.read_bytes()).hexdigest())
+    loopback_hub.add_url(te.RELEASE["weights_url"], weights)  # the hub lacks it: from the release URL
+    source = loopback_hub.source()
     dest = home / "torchxrayvision" / te.RELEASE_FILE
     assert resolve_weights(None, home, source, progress=False) == dest.resolve()
     assert resolve_weights(None, home, source, progress=False) == dest.resolve()
-    assert [call[1] for call in source.calls("list")] == [te.RELEASE["weights_url"]]  # fetched once
+    assert loopback_hub.transfers == [(f"urls/{te.RELEASE_FILE}", 0)]  # fetched once
     assert dest.read_bytes() == weights.read_bytes() and is_staged(evaluator_component(te.RELEASE["weights_url"], home))
     # The CLI's default source (cxrgen download's), replaced by the fake: the download lands there and is used.
     dest.unlink()
@@ -403,13 +405,14 @@ def test_weights_are_fetched_once_into_cxrgen_home_through_the_source(tmp_path, 
     result = evaluate(out, "--quiet", "--max-pairs", "0")
     assert result.exit_code == 0, result.output
     assert summary_of(out)["evaluator"]["weights"] == str(dest.resolve())
-    assert len(source.calls("list")) == 2
+    assert len(loopback_hub.transfers) == 2
 
 
 def test_default_source_downloads_through_a_temporary_name(tmp_path, weights, monkeypatch):
     # a file:// URL exercises the real download code (cxrgen.hub.sources.WebSource) without any network
     release = cxrgen.model.classifier.release_info()
     monkeypatch.setattr(cxrgen.model.classifier, "release_info", lambda: {**release, "url": weights.as_uri()})
+    monkeypatch.setitem(cxrgen.pins.KNOWN_SHA256, te.RELEASE_FILE, hashlib.sha256(weights.read_bytes()).hexdigest())
     dest = resolve_weights(None, tmp_path / "home", progress=False)
     assert dest == (tmp_path / "home" / "torchxrayvision" / te.RELEASE_FILE).resolve()
     assert dest.read_bytes() == weights.read_bytes()

@@ -2,6 +2,7 @@
 duplicate prompts, estimates the run time, writes nothing and never imports torch."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -109,4 +110,41 @@ def test_plan_never_imports_torch(manifest):
     code = ("import sys; from cxrgen.cli import app; app(['plan', sys.argv[1]], standalone_mode=False); "
             "sys.exit(3 if 'torch' in sys.modules else 0)")
     done = subprocess.run([sys.executable, "-c", code, str(manifest)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def bundle_folder(root: Path, channels: list, latent: tuple, demo: bool = False) -> Path:
+    """Only the two configs plan reads (it never loads weights)."""
+    (root / "configs").mkdir(parents=True)
+    (root / "configs" / "inference.json").write_text(json.dumps({
+        "diffusion_def": {"_target_": "monai.networks.nets.DiffusionModelUNet", "channels": channels},
+        "noise": f"$torch.randn((1, {latent[0]}, {latent[1]}, {latent[2]})).to(@device)"}))
+    (root / "configs" / "metadata.json").write_text(json.dumps({"cxrgen_demo": demo}))
+    return root
+
+
+def test_the_estimate_says_when_the_bundle_is_not_the_real_architecture(manifest, tmp_path):
+    def note(model: str) -> list[str]:
+        result = runner.invoke(app, ["plan", str(manifest), "--device", "cpu", "--model", model])
+        assert result.exit_code == 0, result.output
+        return [line for line in result.stdout.splitlines() if "these times are for" in line]
+
+    assert note("cxr_image_synthesis_latent_diffusion_model") == []  # the default: the figures' own architecture
+    assert note(str(bundle_folder(tmp_path / "real", [256, 512, 768], (3, 64, 64)))) == []
+    small = note(str(bundle_folder(tmp_path / "small", [16, 32], (3, 8, 8))))
+    assert len(small) == 1 and "another architecture" in small[0] and "[16, 32]" in small[0] and "3x8x8" in small[0]
+    demo = note(str(bundle_folder(tmp_path / "demo", [16, 32], (3, 16, 16), demo=True)))
+    assert len(demo) == 1 and "demo model" in demo[0]
+    other = note("some_other_bundle@2.0")
+    assert len(other) == 1 and "some_other_bundle@2.0 is another bundle" in other[0]
+    # --model is a documented option of plan now, not a hidden one it ignores
+    command = typer.main.get_command(app).commands["plan"]
+    assert not next(p for p in command.params if "--model" in getattr(p, "opts", [])).hidden
+
+
+def test_plan_with_a_bundle_folder_never_imports_torch(manifest, tmp_path):
+    folder = bundle_folder(tmp_path / "small", [16, 32], (3, 8, 8))
+    code = ("import sys; from cxrgen.cli import app; app(['plan', sys.argv[1], '--model', sys.argv[2]], "
+            "standalone_mode=False); sys.exit(3 if 'torch' in sys.modules else 0)")
+    done = subprocess.run([sys.executable, "-c", code, str(manifest), str(folder)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import tiny
 import torch
 
 from cxrgen.config import default_cache_dir
 from cxrgen.errors import InputError
+from cxrgen.model import demo
 from cxrgen.model.bundle import load_bundle, read_spec, resolve_model
 from cxrgen.model.checkpoint import load_into, old_key, old_layout, to_old_layout
 from cxrgen.model.engine import Engine, EngineOptions
@@ -58,8 +58,8 @@ def load_error(root: Path) -> str:
 
 
 def test_both_config_generations_give_identical_networks(tmp_path):
-    old = tiny.build_bundle(tmp_path / "v100", generation="1.0.0", seed=3)
-    new = tiny.build_bundle(tmp_path / "v101", generation="1.0.1", seed=3)
+    old = demo.build_bundle(tmp_path / "v100", generation="1.0.0", seed=3)
+    new = demo.build_bundle(tmp_path / "v101", generation="1.0.1", seed=3)
     config_old = json.loads((old / "configs" / "inference.json").read_text())
     config_new = json.loads((new / "configs" / "inference.json").read_text())
     assert "num_channels" in config_old["diffusion_def"]
@@ -67,10 +67,10 @@ def test_both_config_generations_give_identical_networks(tmp_path):
     assert "channels" in config_new["diffusion_def"] and config_new["load_old"] == 1
 
     spec_old, spec_new = read_spec(old), read_spec(new)
-    assert spec_old.autoencoder_args == spec_new.autoencoder_args == tiny.TINY_AUTOENCODER
-    assert spec_old.unet_args == spec_new.unet_args == tiny.TINY_UNET
+    assert spec_old.autoencoder_args == spec_new.autoencoder_args == demo.TINY_AUTOENCODER
+    assert spec_old.unet_args == spec_new.unet_args == demo.TINY_UNET
     assert spec_old.scheduler_args == spec_new.scheduler_args
-    assert spec_old.latent_shape == spec_new.latent_shape == tiny.LATENT
+    assert spec_old.latent_shape == spec_new.latent_shape == demo.LATENT
     assert spec_old.image_size == spec_new.image_size == (32, 32)
     assert (spec_old.version, spec_new.version) == ("1.0.0", "1.0.1")
 
@@ -78,7 +78,7 @@ def test_both_config_generations_give_identical_networks(tmp_path):
     assert_same_state(a.unet.state_dict(), b.unet.state_dict())
     assert_same_state(a.autoencoder.state_dict(), b.autoencoder.state_dict())
     # and they are the networks that were saved, not fresh initialisations
-    ae, unet = tiny.build_networks(3)
+    ae, unet = demo.build_networks(3)
     assert_same_state(a.unet.state_dict(), unet.state_dict())
     assert_same_state(a.autoencoder.state_dict(), ae.state_dict())
     assert not a.unet.training and not any(p.requires_grad for p in a.unet.parameters())
@@ -87,27 +87,27 @@ def test_both_config_generations_give_identical_networks(tmp_path):
 
 
 def test_old_and_new_checkpoint_layouts_both_load(tmp_path):
-    old = tiny.build_bundle(tmp_path / "old", layout="old", seed=4)
-    new = tiny.build_bundle(tmp_path / "new", layout="new", seed=4)
+    old = demo.build_bundle(tmp_path / "old", layout="old", seed=4)
+    new = demo.build_bundle(tmp_path / "new", layout="new", seed=4)
     old_keys = set(torch.load(old / "models" / "diffusion_model.pth", weights_only=True))
     new_keys = set(torch.load(new / "models" / "diffusion_model.pth", weights_only=True))
     assert old_keys != new_keys  # the two files really use different parameter names
     a, b = load_bundle(read_spec(old)), load_bundle(read_spec(new))
     assert_same_state(a.unet.state_dict(), b.unet.state_dict())
     assert_same_state(a.autoencoder.state_dict(), b.autoencoder.state_dict())
-    _, unet = tiny.build_networks(4)
+    _, unet = demo.build_networks(4)
     assert_same_state(a.unet.state_dict(), unet.state_dict())
 
 
 def test_load_into_reports_layout_and_leaves_the_callers_dict_alone(tmp_path):
-    _, unet = tiny.build_networks(5)
-    _, target = tiny.build_networks(6)
+    _, unet = demo.build_networks(5)
+    _, target = demo.build_networks(6)
     state = to_old_layout(unet.state_dict())
     keys = set(state)
     assert load_into(target, state, tmp_path / "x.pth") == "old"
     assert set(state) == keys  # MONAI's old-layout loader empties the dict it gets; ours must not
     assert_same_state(target.state_dict(), unet.state_dict())
-    _, target = tiny.build_networks(7)
+    _, target = demo.build_networks(7)
     assert load_into(target, dict(unet.state_dict()), tmp_path / "x.pth") == "new"
     assert_same_state(target.state_dict(), unet.state_dict())
 
@@ -125,8 +125,8 @@ def test_checkpoint_wrapped_in_state_dict_key_loads(tmp_path, bundle_dir):
 def test_safetensors_preferred_when_present(tmp_path, layout):
     from safetensors.torch import save_file
 
-    root = tiny.build_bundle(tmp_path / "b", layout=layout, seed=0)
-    ae, unet = tiny.build_networks(seed=10)  # different weights than the .pth files
+    root = demo.build_bundle(tmp_path / "b", layout=layout, seed=0)
+    ae, unet = demo.build_networks(seed=10)  # different weights than the .pth files
     convert = to_old_layout if layout == "old" else dict
     for stem, model in (("autoencoder", ae), ("diffusion_model", unet)):
         save_file({k: v.contiguous() for k, v in convert(model.state_dict()).items()},
@@ -158,7 +158,7 @@ def _rewrite(root: Path, file: str, change) -> Path:
 @pytest.mark.parametrize("layout", ["old", "new"])
 @pytest.mark.parametrize("file, key", [("diffusion_model.pth", DROP_UNET), ("autoencoder.pth", DROP_AE)])
 def test_checkpoint_missing_key_names_file_and_key(tmp_path, layout, file, key):
-    root = tiny.build_bundle(tmp_path / "b", layout=layout)
+    root = demo.build_bundle(tmp_path / "b", layout=layout)
     path = _rewrite(root, file, lambda s: s.pop(key))
     message = load_error(root)
     assert str(path) in message and repr(key) in message and "1 missing key" in message
@@ -174,7 +174,7 @@ def test_checkpoint_missing_renamed_key_is_named_in_the_old_spelling(tmp_path, b
 
 @pytest.mark.parametrize("layout", ["old", "new"])
 def test_checkpoint_unexpected_key_names_file_and_key(tmp_path, layout):
-    root = tiny.build_bundle(tmp_path / "b", layout=layout)
+    root = demo.build_bundle(tmp_path / "b", layout=layout)
     path = _rewrite(root, "diffusion_model.pth", lambda s: s.__setitem__("extra_head.weight", torch.zeros(3)))
     message = load_error(root)
     assert str(path) in message and "'extra_head.weight'" in message and "1 unexpected key" in message
@@ -183,7 +183,7 @@ def test_checkpoint_unexpected_key_names_file_and_key(tmp_path, layout):
 @pytest.mark.parametrize("layout", ["old", "new"])
 @pytest.mark.parametrize("file, key", [("diffusion_model.pth", "out.2.conv.weight"), ("autoencoder.pth", DROP_AE)])
 def test_checkpoint_wrong_shape_names_file_key_and_shapes(tmp_path, layout, file, key):
-    root = tiny.build_bundle(tmp_path / "b", layout=layout)
+    root = demo.build_bundle(tmp_path / "b", layout=layout)
     path = _rewrite(root, file, lambda s: s.__setitem__(key, torch.zeros(*s[key].shape[:-1], s[key].shape[-1] + 1)))
     message = load_error(root)
     assert str(path) in message and repr(key) in message and "shape" in message
@@ -260,7 +260,7 @@ def test_broken_inference_json_names_the_file(tmp_path, bundle_dir, edit, words)
 
 
 def test_text_width_must_equal_cross_attention_dim(tmp_path, bundle_dir):
-    narrow = tiny.build_text_encoder(tmp_path / "narrow", width=16)
+    narrow = demo.build_text_encoder(tmp_path / "narrow", width=16)
     bundle = load_bundle(read_spec(bundle_dir))
     text = load_text_encoder(str(narrow))
     options = EngineOptions(device=torch.device("cpu"), dtype="float32", scheduler="ddim", steps=1)
@@ -275,7 +275,7 @@ def test_text_width_matching_builds_an_engine(bundle_dir, text_encoder_dir):
     bundle = load_bundle(read_spec(bundle_dir))
     text = load_text_encoder(str(text_encoder_dir))
     engine = Engine(bundle, text, EngineOptions(device=torch.device("cpu"), dtype="float32", scheduler="ddim", steps=1))
-    assert engine.text.width == tiny.TINY_UNET["cross_attention_dim"]
+    assert engine.text.width == demo.TINY_UNET["cross_attention_dim"]
 
 
 # --------------------------------------------------------------------------- the full-size architecture
@@ -284,7 +284,7 @@ def test_text_width_matching_builds_an_engine(bundle_dir, text_encoder_dir):
 def _real_bundle_configs(root: Path) -> Path:
     (root / "configs").mkdir(parents=True)
     (root / "models").mkdir()
-    config = tiny._inference_json("1.0.1", REAL_AUTOENCODER, REAL_UNET, (3, 64, 64))
+    config = demo.inference_config("1.0.1", REAL_AUTOENCODER, REAL_UNET, (3, 64, 64))
     (root / "configs" / "inference.json").write_text(json.dumps(config))
     (root / "configs" / "metadata.json").write_text(json.dumps(
         {"name": "cxr_image_synthesis_latent_diffusion_model", "version": "1.0.1"}))
@@ -431,7 +431,7 @@ def test_encode_shapes_and_batch_independence(text_encoder_dir):
     cpu = torch.device("cpu")
     long_prompt = " ".join(["lung"] * 200)
     together = text.encode(["a", "", long_prompt, "a"], cpu)
-    assert together.shape == (4, MAX_TOKENS, tiny.WIDTH) and together.dtype == torch.float32
+    assert together.shape == (4, MAX_TOKENS, demo.WIDTH) and together.dtype == torch.float32
     text._cache.clear()
     alone = torch.cat([text.encode([p], cpu) for p in ["a", "", long_prompt, "a"]])
     assert torch.equal(together, alone)

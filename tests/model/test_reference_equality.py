@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from cxrgen.config import RunConfig
+from cxrgen.model import demo
 from cxrgen.runs.generate import generate
 
 STEPS = 3
@@ -19,16 +20,16 @@ def reference_image(prompt: str, seed: int, guidance_scale: float, text_dir, ste
     from monai.networks.schedulers import DDIMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    autoencoder, unet = tiny.build_networks(seed=0)
+    autoencoder, unet = demo.build_networks(seed=0)
     tokenizer = CLIPTokenizer.from_pretrained(str(text_dir / "tokenizer"))
     text_encoder = CLIPTextModel.from_pretrained(str(text_dir / "text_encoder")).eval()
     ids = tokenizer(["", prompt], padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
-    scheduler = DDIMScheduler(**tiny.SCHEDULER)
+    scheduler = DDIMScheduler(**demo.SCHEDULER)
     scheduler.set_timesteps(num_inference_steps=steps)
     with torch.no_grad():
         prompt_embeds = text_encoder(ids)[0]
-        x = torch.randn((1, *tiny.LATENT), generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+        x = torch.randn((1, *demo.LATENT), generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
         for t in scheduler.timesteps:
             out = unet(torch.cat([x, x]), timesteps=torch.Tensor((t,)).long(), context=prompt_embeds)
             u, c = out.chunk(2)

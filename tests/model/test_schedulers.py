@@ -10,13 +10,13 @@
 import math
 
 import pytest
-import tiny
 import torch
 
+from cxrgen.model import demo
 from cxrgen.model.sampling import initial_latents, sample_cfg
 from cxrgen.model.schedulers import make_scheduler
 
-SCHEDULER = tiny.SCHEDULER  # the bundle's DDIM settings (v-prediction, scaled linear betas)
+SCHEDULER = demo.SCHEDULER  # the bundle's DDIM settings (v-prediction, scaled linear betas)
 SEEDS = [11, 12, 13]
 GUIDANCE = [7.0, 3.0, 1.0]
 
@@ -27,35 +27,35 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def model():
     """A fixed tiny UNet with random weights, fixed text embeddings and fixed noise."""
-    _, unet = tiny.build_networks(seed=3)
+    _, unet = demo.build_networks(seed=3)
     gen = torch.Generator().manual_seed(5)
-    cond = torch.randn(len(SEEDS), 77, tiny.WIDTH, generator=gen)
-    uncond = torch.randn(1, 77, tiny.WIDTH, generator=gen).expand(len(SEEDS), -1, -1)
+    cond = torch.randn(len(SEEDS), 77, demo.WIDTH, generator=gen)
+    uncond = torch.randn(1, 77, demo.WIDTH, generator=gen).expand(len(SEEDS), -1, -1)
     return unet, cond, uncond, contract_noise(SEEDS)
 
 
 def contract_noise(seeds) -> torch.Tensor:
     """The noise contract of docs/algorithm.md, written out here and not taken from cxrgen (so it can catch a contract bug)."""
-    return torch.cat([torch.randn((1, *tiny.LATENT), generator=torch.Generator("cpu").manual_seed(s),
+    return torch.cat([torch.randn((1, *demo.LATENT), generator=torch.Generator("cpu").manual_seed(s),
                                   dtype=torch.float32) for s in seeds])
 
 
 def test_initial_latents_follow_the_noise_contract():
     seeds = [0, 11, 2**63 - 1, 12]
-    noise = initial_latents(seeds, tiny.LATENT)
+    noise = initial_latents(seeds, demo.LATENT)
     assert noise.dtype == torch.float32 and noise.device.type == "cpu"
-    assert noise.shape == (len(seeds), *tiny.LATENT)
+    assert noise.shape == (len(seeds), *demo.LATENT)
     assert torch.equal(noise, contract_noise(seeds))
 
 
 def test_noise_of_an_image_does_not_depend_on_its_batch():
-    alone = initial_latents([12], tiny.LATENT)
+    alone = initial_latents([12], demo.LATENT)
     for batch in ([12, 11], [11, 12, 13], [13, 13, 12], [12] * 3):
-        noise = initial_latents(batch, tiny.LATENT)
+        noise = initial_latents(batch, demo.LATENT)
         for i, seed in enumerate(batch):
             if seed == 12:
                 assert torch.equal(noise[i:i + 1], alone), batch
-    assert not torch.equal(initial_latents([11], tiny.LATENT), alone)
+    assert not torch.equal(initial_latents([11], demo.LATENT), alone)
 
 
 def _denoise(unet):

@@ -139,8 +139,9 @@ def test_resume_writes_a_missing_card(run, tmp_path):
 def test_webdataset_shards_round_trip(run, meta, tmp_path):
     result = invoke("export", run, "--format", "webdataset", "--to", tmp_path / "shards", "--shard-size", "12KB")
     assert result.exit_code == 0, result.output
-    shards = sorted((tmp_path / "shards").iterdir())
+    shards = sorted((tmp_path / "shards").glob("*.tar"))
     assert [s.name for s in shards] == [f"train-{i:06d}.tar" for i in range(len(shards))] and len(shards) >= 2
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == sorted([s.name for s in shards] + ["README.md"])
     assert all(s.stat().st_size <= 12_000 for s in shards)
     names = [n for s in shards for n in tarfile.open(s).getnames()]
     keys = [n.rsplit(".", 1)[0] for n in names[::2]]
@@ -160,7 +161,33 @@ def test_webdataset_shards_round_trip(run, meta, tmp_path):
     assert [plain(r["Edema"]) for r in loaded["json"]] == [plain(v) for v in meta["Edema"]]
     # the same run always exports to the same bytes
     assert invoke("export", run, "--to", tmp_path / "again", "--shard-size", "12KB").exit_code == 0
-    assert [p.read_bytes() for p in shards] == [p.read_bytes() for p in sorted((tmp_path / "again").iterdir())]
+    assert [p.read_bytes() for p in shards] == [p.read_bytes() for p in sorted((tmp_path / "again").glob("*.tar"))]
+
+
+def test_the_cards_webdataset_examples_read_every_shard_whatever_their_count(run, meta, tmp_path):
+    """The shards' own card names the real shards; OUT's card (written before any export) reads any count."""
+    assert invoke("export", run, "--to", tmp_path / "shards", "--shard-size", "12KB").exit_code == 0
+    shards = sorted((tmp_path / "shards").glob("*.tar"))
+    assert len(shards) >= 3  # more than one, and not the ten the old example assumed
+    card = (tmp_path / "shards" / "README.md").read_text(encoding="utf-8")
+    pattern = re.search(r'wds\.WebDataset\("SHARDS/([^"]+)"\)', card).group(1)
+    assert pattern == f"train-{{000000..{len(shards) - 1:06d}}}.tar"
+    samples = list(wds.WebDataset(str(tmp_path / "shards" / pattern), shardshuffle=False))  # braces expanded
+    assert [s["__key__"] for s in samples] == [sample_key(i) for i in meta["image_id"]]
+    assert "- train-*.tar" in card.split("---")[1]  # the front matter's split: the shards, not metadata.parquet
+    loaded = load(str(tmp_path / "shards"), split="train", cache=tmp_path / "hf")  # what the card tells datasets
+    assert loaded.num_rows == len(meta)
+    # OUT's card: a glob, so every shard is read
+    out_card = (run / "README.md").read_text(encoding="utf-8")
+    assert "000009" not in out_card
+    expression = re.search(r"wds\.WebDataset\((sorted\(glob\.glob\([^)]*\)\))\)", out_card).group(1)
+    import glob
+
+    files = eval(expression.replace("SHARDS", str(tmp_path / "shards")), {"glob": glob})  # noqa: S307 - the card's code
+    assert len(list(wds.WebDataset(files, shardshuffle=False))) == len(meta)
+    # one shard: no brace range
+    assert invoke("export", run, "--to", tmp_path / "one").exit_code == 0
+    assert 'wds.WebDataset("SHARDS/train-000000.tar")' in (tmp_path / "one" / "README.md").read_text(encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------------ accepted only

@@ -181,3 +181,57 @@ def test_the_verify_panel_and_filter(tmp_path, browser):
     assert flags == [False, True, False]
     assert errors(browser) == []
 
+
+def regroup(driver, value: str) -> list[tuple[str, list[int]]]:
+    """Choose a grouping; (section title, image positions) of every visible section once the page has regrouped."""
+    from selenium.webdriver.support.ui import Select
+
+    Select(driver.find_element(By.ID, "group-by")).select_by_value(value)
+    WebDriverWait(driver, WAIT_S).until(lambda d: d.execute_script("return document.body.dataset.grouping") == value)
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('section:not([hidden])')).map(s => ["
+        "s.querySelector('h2').firstChild.textContent, Array.from(s.querySelectorAll('figure.tile'))"
+        ".filter(f => !f.hidden).map(f => Number(f.dataset.i))])")
+
+
+def test_gallery_groups_by_label_or_shows_one_compact_grid(evaluated_run, tmp_path, browser):  # noqa: F811
+    out = Path(shutil.copytree(evaluated_run, tmp_path / "out"))
+    assert preview(out).exit_code == 0
+    meta = pq.read_table(out / "metadata.parquet").to_pylist()
+    open_gallery(browser, out / "preview" / "index.html")
+    choices = browser.execute_script("return Array.from(document.getElementById('group-by').options)"
+                                     ".map(o => o.value)")
+    assert choices == ["prompt", "none", "label:0"]
+    positives = [i for i, r in enumerate(meta) if r["Pleural Effusion"] == 1]
+    negatives = [i for i, r in enumerate(meta) if r["Pleural Effusion"] == 0]
+    # by label: one section per value, in value order, holding exactly those images
+    assert regroup(browser, "label:0") == [["Pleural Effusion = 0", negatives], ["Pleural Effusion = 1", positives]]
+    assert browser.find_elements(By.CSS_SELECTOR, "section h2 a") == []  # contact sheets belong to prompts
+    assert filter_to(browser, "effusion=1") == positives
+    assert [title for title, _ in regroup(browser, "label:0")] == ["Pleural Effusion = 1"]  # the filter still holds
+    assert sorted(filter_to(browser, "")) == list(range(7))  # in section order: negatives first
+    # no grouping: every image in one grid, on one row at this width (not one prompt a row)
+    assert regroup(browser, "none") == [["all images", list(range(7))]]
+    tops = browser.execute_script("return Array.from(document.querySelectorAll('figure.tile')).map(f => f.offsetTop)")
+    assert len(set(tops)) == 1
+    # and back: one section per prompt with its contact sheet
+    assert [title for title, _ in regroup(browser, "prompt")] == PROMPTS
+    assert len(browser.find_elements(By.CSS_SELECTOR, "section h2 a")) == 3
+    assert errors(browser) == []
+
+
+def test_a_demo_runs_gallery_says_its_images_are_noise(evaluated_run, tmp_path, browser):  # noqa: F811
+    import json
+
+    out = Path(shutil.copytree(evaluated_run, tmp_path / "out"))
+    assert preview(out).exit_code == 0
+    open_gallery(browser, out / "preview" / "index.html")
+    assert not browser.find_element(By.ID, "demo").is_displayed()  # a real run: no banner
+    run = json.loads((out / "run.json").read_text())
+    run["resolved"]["demo"] = True  # what a run of `cxrgen download --demo`'s bundle records
+    (out / "run.json").write_text(json.dumps(run))
+    assert preview(out).exit_code == 0
+    open_gallery(browser, out / "preview" / "index.html")
+    banner = browser.find_element(By.ID, "demo")
+    assert banner.is_displayed() and "noise" in banner.text
+    assert errors(browser) == []

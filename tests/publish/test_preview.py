@@ -27,9 +27,12 @@ from helpers import (
 from PIL import Image, ImageOps
 
 from cxrgen.publish.preview import (
+    MIN_SHEET_WIDTH,
     SHEET_PATTERN,
     build_preview,
+    caption_font,
     render_html,
+    render_sheet,
     sheet_geometry,
 )
 from cxrgen.runs.journal import EVAL_DIR
@@ -75,7 +78,8 @@ def test_one_sheet_per_prompt_with_captioned_tiles_of_the_thumbnails(run):
         # stable, safe names: the group's number and a hash of the prompt, never the prompt's text
         assert sheet.name == f"prompt-{position + 1:05d}-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}-1.png"
         rows = [r for r in meta if r["prompt"] == prompt]
-        geometry = sheet_geometry(len(rows), 10, 128)
+        geometry = sheet_geometry(len(rows), 10, 128, f"{prompt} ({len(rows)} images)",
+                                  tuple(r["image_id"] for r in rows))
         with Image.open(sheet) as image:
             pixels = np.asarray(image.convert("L"), dtype=np.int16)
             assert image.size == geometry["size"]
@@ -155,8 +159,10 @@ def test_per_sheet_splits_big_prompts_and_drops_sheets_of_old_settings(run):
     names = [p.name for p in sheet_files(run)]
     assert len(names) == 7  # one image per sheet; the three one-per-prompt sheets are gone
     assert [n.rsplit("-", 1)[1] for n in names] == ["1.png", "2.png", "1.png", "2.png", "1.png", "2.png", "3.png"]
+    first = pq.read_table(run / "metadata.parquet").to_pylist()[0]
     with Image.open(run / "preview" / names[0]) as image:
-        assert image.size == sheet_geometry(1, 3, 48)["size"]
+        assert image.size == sheet_geometry(1, 3, 48, f"{PROMPTS[0]} (2 images, part 1 of 2)",
+                                            (first["image_id"],))["size"]
 
 
 def test_an_unreadable_image_is_marked_not_fatal(run):
@@ -259,3 +265,43 @@ def test_the_gallery_carries_verify_figures_and_each_images_verdict(tmp_path):
     (plain / "run.json").write_text(json.dumps(run))
     assert embedded(build_preview(plain).index)["verification"] is None
 
+
+def test_a_sheet_of_one_image_keeps_its_whole_prompt_and_id(tmp_path):
+    """Wrapped onto more lines instead of cut with an ellipsis: the sheet is what people share."""
+    prompt = ("Moderate right pleural effusion with adjacent compressive atelectasis and a small left apical "
+              "pneumothorax, no focal consolidation")
+    image_id = "patient-000123_study-4567_view-frontal_sample-0000"
+    thumb = tmp_path / "t.jpg"
+    Image.fromarray(np.full((48, 48), 128, np.uint8)).save(thumb)
+    title = f"{prompt} (1 images)"
+    geometry = sheet_geometry(1, 10, 48, title, (image_id,))
+    assert " ".join(geometry["title_lines"]) == title and "…" not in "".join(geometry["title_lines"])
+    assert "".join(geometry["id_lines"][0]) == image_id and len(geometry["id_lines"][0]) > 1
+    font = caption_font()
+    assert all(font.getlength(line) <= 48 for line in geometry["id_lines"][0])
+    sheet = render_sheet(title, [(thumb, image_id, 7)], 48, 10)
+    assert sheet.size == geometry["size"] and sheet.size[0] >= MIN_SHEET_WIDTH
+    pixels = np.asarray(sheet)
+    line, pad = geometry["line"], 6
+    for k in range(len(geometry["title_lines"])):  # every title line is drawn
+        assert (pixels[pad + k * line:pad + (k + 1) * line] > 150).sum() > 10, k
+    x, y = geometry["origins"][0]
+    for k in range(len(geometry["id_lines"][0])):  # and every line of the id under the tile
+        band = pixels[y + 48 + 1 + k * line:y + 48 + 1 + (k + 1) * line, x:x + 48]
+        assert (band > 150).sum() > 5, k
+
+
+def test_one_image_per_sheet_through_the_command_keeps_every_prompt(run):
+    assert preview(run, "--per-sheet", "1", "--thumb-size", "48").exit_code == 0
+    meta = pq.read_table(run / "metadata.parquet").to_pylist()
+    counts = {p: sum(r["prompt"] == p for r in meta) for p in PROMPTS}
+    sheets = sheet_files(run)
+    assert len(sheets) == len(meta)
+    for sheet, row in zip(sheets, sorted(meta, key=lambda r: PROMPTS.index(r["prompt"]))):
+        part = sum(1 for s in sheets[:sheets.index(sheet)] if s.name.split("-")[1] == sheet.name.split("-")[1])
+        total = counts[row["prompt"]]
+        title = f"{row['prompt']} ({total} images" + (f", part {part + 1} of {total})" if total > 1 else ")")
+        geometry = sheet_geometry(1, 10, 48, title, (row["image_id"],))
+        assert " ".join(geometry["title_lines"]).replace("?", "") == " ".join(title.split()).replace("?", "")
+        with Image.open(sheet) as image:
+            assert image.size == geometry["size"]

@@ -17,13 +17,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import tiny
 import torch
 
 from cxrgen.config import RunConfig
 from cxrgen.errors import InputError
 from cxrgen.files import atomic_write
 from cxrgen.manifests.reader import read_manifest
+from cxrgen.model import demo
 from cxrgen.model import text_encoder as cxrgen_text
 from cxrgen.model.sampling import to_uint8
 from cxrgen.model.text_encoder import TextEncoder, load_text_encoder
@@ -194,7 +194,7 @@ def hub_without_network(tmp_path_factory) -> dict:
     """Load a cached hub repo and an uncached one in a fresh process: hub unreachable, HF_HUB_OFFLINE unset."""
     home = tmp_path_factory.mktemp("hf_home")
     repo_dir = home / "hub" / f"models--{HUB_REPO.replace('/', '--')}"
-    tiny.build_text_encoder(repo_dir / "snapshots" / COMMIT, seed=2)
+    demo.build_text_encoder(repo_dir / "snapshots" / COMMIT, seed=2)
     (repo_dir / "refs").mkdir()
     (repo_dir / "refs" / "main").write_text(COMMIT)
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE")}
@@ -268,7 +268,7 @@ def test_hub_probe_gives_up_after_its_timeout(monkeypatch):
 # ------------------------------------------------------------------ item 7: text encoder fingerprint
 
 def test_text_encoder_fingerprint_names_the_weights_loaded(tmp_path, text_encoder_dir, one_torch_thread):
-    other = tiny.build_text_encoder(tmp_path / "other", seed=1)
+    other = demo.build_text_encoder(tmp_path / "other", seed=1)
     first = load_text_encoder(str(text_encoder_dir))
     same = load_text_encoder(str(text_encoder_dir))
     different = load_text_encoder(str(other))

@@ -15,6 +15,7 @@ import cxrgen.runs.state
 from cxrgen.cli import app
 from cxrgen.config import RunConfig
 from cxrgen.manifests.workitems import load_plan
+from cxrgen.model import demo
 from cxrgen.runs.generate import generate
 from cxrgen.runs.journal import RECORDS_DIR, read_records
 from cxrgen.runs.state import done_items, inspect_run
@@ -123,7 +124,6 @@ def test_a_rank_checks_only_its_own_share(config, monkeypatch):
 
 
 def test_networks_are_built_without_random_initialisation_and_equal_normally_built_ones(bundle_dir, monkeypatch):
-    import tiny
     import torch
 
     from cxrgen.model.bundle import load_bundle, read_spec
@@ -139,9 +139,9 @@ def test_networks_are_built_without_random_initialisation_and_equal_normally_bui
         monkeypatch.setattr(torch.nn.init, name, only_on_meta(getattr(torch.nn.init, name), name))
     loaded = load_bundle(read_spec(bundle_dir))
     monkeypatch.undo()
-    ae, unet = tiny.build_networks(seed=0)  # what the tiny bundle's checkpoints were saved from
+    ae, unet = demo.build_networks(seed=0)  # what the tiny bundle's checkpoints were saved from
     assert not any(t.is_meta for t in (*loaded.unet.parameters(), *loaded.autoencoder.parameters()))
-    x, t, context = torch.randn(2, 3, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, tiny.WIDTH)
+    x, t, context = torch.randn(2, 3, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, demo.WIDTH)
     with torch.no_grad():
         assert torch.equal(loaded.unet(x, timesteps=t, context=context), unet(x, timesteps=t, context=context))
         z = torch.randn(1, 3, 8, 8)

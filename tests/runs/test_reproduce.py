@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import tiny
 from typer.testing import CliRunner
 
 from cxrgen.cli import app
 from cxrgen.config import RunConfig
 from cxrgen.errors import InputError
+from cxrgen.model import demo
 from cxrgen.runs.generate import generate
 from cxrgen.runs.reproduce import reproduce_image
 
@@ -79,10 +79,10 @@ def test_an_unfinished_run_is_read_from_its_journal(png_alone, tmp_path):
 
 
 def test_other_weights_are_refused(png_alone, tmp_path):
-    bundle = tiny.build_bundle(tmp_path / "other_bundle", seed=7)
+    bundle = demo.build_bundle(tmp_path / "other_bundle", seed=7)
     with pytest.raises(InputError, match="checkpoints in .* are not the ones this run used"):
         reproduce_image(png_alone, "a_0000", model=str(bundle))
-    text_encoder = tiny.build_text_encoder(tmp_path / "other_text", seed=7)
+    text_encoder = demo.build_text_encoder(tmp_path / "other_text", seed=7)
     with pytest.raises(InputError, match="text encoder .* is not the one this run used"):
         reproduce_image(png_alone, "a_0000", text_encoder=str(text_encoder))
 

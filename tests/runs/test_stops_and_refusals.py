@@ -33,6 +33,7 @@ from cxrgen.config import RunConfig
 from cxrgen.errors import InputError
 from cxrgen.files import STATE_DIR, TMP_MARK
 from cxrgen.manifests.workitems import load_plan
+from cxrgen.model import demo
 from cxrgen.model.engine import resolve_dtype
 from cxrgen.runs.generate import generate
 from cxrgen.runs.journal import RECORDS_DIR, read_records
@@ -443,14 +444,14 @@ def test_relative_paths_are_saved_absolute_and_resume_from_anywhere(manifest, bu
 
 
 def test_a_different_text_encoder_behind_the_same_path_is_refused(args, tmp_path):
-    text = tiny.build_text_encoder(tmp_path / "clip", seed=0)
+    text = demo.build_text_encoder(tmp_path / "clip", seed=0)
     out = tmp_path / "out"
     assert runner.invoke(app, args(out, text_encoder=text)).exit_code == 0
     saved = json.loads((out / "run.json").read_text())["settings"]["text_encoder_fingerprint"]
     assert saved.startswith("sha256:")
     assert set(pq.read_table(out / "metadata.parquet").column("text_encoder_fingerprint").to_pylist()) == {saved}
     shutil.rmtree(text)
-    tiny.build_text_encoder(text, seed=1)  # the mirror changed under the same name
+    demo.build_text_encoder(text, seed=1)  # the mirror changed under the same name
     (out / "metadata.parquet").unlink()
     for argv in (args(out, text_encoder=text), ["resume", str(out)]):
         refused = runner.invoke(app, argv)
