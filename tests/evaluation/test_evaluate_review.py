@@ -19,7 +19,6 @@ import pyarrow.parquet as pq
 import pytest
 import tiny_eval as te
 import torch
-from fake_hub import FolderSource
 from helpers import assert_input_error
 from typer.testing import CliRunner
 
@@ -163,12 +162,17 @@ def test_a_file_name_outside_the_run_is_refused_before_anything_is_read(tmp_path
 
 # ------------------------------------------------------------------ item 10: info --evaluator needs the extra too
 
-def test_info_evaluator_exits_1_when_the_evaluate_extra_is_missing(tmp_path, weights, home, monkeypatch):
+def test_info_evaluator_exits_1_when_the_evaluate_extra_is_missing(tmp_path, weights, home, monkeypatch,
+                                                                   loopback_hub):
+    import hashlib
+
+    import cxrgen.pins
     from cxrgen.model.classifier import resolve_weights
 
-    source = FolderSource(tmp_path / "hub")
-    source.add_url(te.RELEASE["weights_url"], weights)
-    resolve_weights(None, home, source, progress=False)  # the weights are staged and verify
+    loopback_hub.add_url(te.RELEASE["weights_url"], weights)
+    # random test weights stand in for the release: they are "the release" here
+    monkeypatch.setitem(cxrgen.pins.KNOWN_SHA256, te.RELEASE_FILE, hashlib.sha256(weights.read_bytes()).hexdigest())
+    resolve_weights(None, home, loopback_hub.source(), progress=False)  # the weights are staged and verify
     args = ["info", "--evaluator", "--cache-dir", str(home), "--model", str(tmp_path), "--text-encoder", str(tmp_path)]
     complete = runner.invoke(app, args)
     assert complete.exit_code == 0, complete.output
