@@ -36,7 +36,7 @@ from cxrgen.runs.verify import (
     rejected_name,
 )
 
-_SCORE_BATCH = 64  # images per classifier call (DenseNet-121 at 224 px: ~1 GB of activations on a GPU)
+_SCORE_BATCH = 16  # images per classifier call: its activations stay small beside the UNet's on a shared GPU
 
 
 class Verifier:
@@ -70,6 +70,21 @@ class Verifier:
         return [{name: float(row[k]) for k, name in enumerate(names)} for row in rows]
 
 
+class _Inline:
+    """An executor that runs each job at once in the calling thread (the CPU's: see VerifyingLoop)."""
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - delivered by result(), as a thread pool's future does
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
+
+
 @dataclass
 class _Outcome:
     """What judging and writing one batch produced, journaled by the sampling thread in this order."""
@@ -95,7 +110,10 @@ class VerifyingLoop(BatchLoop):
         self.attempts = 0  # attempts judged by this worker
         self.made = 0  # images sampled by this worker (attempts, plain images and remakes)
         self.judge_seconds = 0.0
-        self._judge_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrgen-verify")
+        # On a GPU the judging (decode, preprocess, classifier on its own stream) overlaps the next batch's UNet
+        # steps; on a CPU both would fight over the same cores (two OpenMP teams), so it runs in turn, inline.
+        self._judge_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrgen-verify") \
+            if verifier.stream is not None else _Inline()
         self._exhausted = False
 
     def _next_units(self, source, carry: deque, waiting: bool) -> list[Unit] | None:
