@@ -22,6 +22,7 @@ FILE_NAMES = ("index", "id")
 LEGACY_DEFAULTS = {"file_names": "id"}
 MANIFEST_FORMATS = ("auto", "csv", "tsv", "parquet")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class RunConfig:
     """Every setting of one run; per-row manifest columns override the run-wide defaults."""
 
     manifest: str  # absolute path of the manifest file
-    out: str  # absolute path of the output folder
+    out: str  # absolute path of the output folder, or an object-store URL (s3://bucket/prefix)
     manifest_format: str = "auto"  # "auto" picks csv/tsv/parquet from the file suffix
     prompt_column: str = "prompt"  # column holding the report sentence
     allow_empty_prompt: bool = False  # blank prompts become unconditional samples instead of an error
@@ -139,6 +140,11 @@ def offline_from_env(environ: dict | None = None) -> bool:
                for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+def is_url(location: str) -> bool:
+    """Whether an output location is a URL (SCHEME://...) rather than a local path."""
+    return bool(_URL.match(str(location)))
+
+
 def with_absolute_paths(config: RunConfig) -> RunConfig:
     """The config with local paths made absolute, so a run is saved, compared and resumed from anywhere.
 
@@ -149,7 +155,8 @@ def with_absolute_paths(config: RunConfig) -> RunConfig:
         path = Path(value).expanduser()
         return str(path.resolve()) if value and (always or path.is_dir()) else value
 
-    return dataclasses.replace(config, manifest=absolute(config.manifest, True), out=absolute(config.out, True),
+    out = config.out if is_url(config.out) else absolute(config.out, True)
+    return dataclasses.replace(config, manifest=absolute(config.manifest, True), out=out,
                                model=absolute(config.model), text_encoder=absolute(config.text_encoder),
                                cache_dir=absolute(config.cache_dir, True))
 

@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 
 from cxrgen.files import atomic_write
 from cxrgen.runs.journal import METADATA_SCHEMA
+from cxrgen.storage.base import METADATA, RUN_JSON, Store
+from cxrgen.storage.open import open_store
 
 CARD = "README.md"
 _TOP_VALUES = 20  # label values listed per column; the rest are summed as "other"
@@ -22,11 +24,13 @@ _MONAI_CITATION = ('M. Jorge Cardoso et al. "MONAI: An open-source framework for
                    "2022. https://doi.org/10.48550/arXiv.2211.02701 (software: https://doi.org/10.5281/zenodo.4323058)")
 
 
-def write_run_card(out: Path) -> Path:
-    """Write OUT/README.md from OUT/metadata.parquet and OUT/run.json."""
-    out = Path(out)
-    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
-    return write_card(out, pq.read_table(out / "metadata.parquet"), run)
+def write_run_card(out: Store | Path) -> None:
+    """Write OUT/README.md from OUT/metadata.parquet and OUT/run.json (a folder or an object-store prefix)."""
+    store = open_store(out)
+    run = json.loads(store.read_bytes(RUN_JSON).decode("utf-8"))
+    with store.open_input(METADATA) as handle:
+        table = pq.read_table(handle)
+    store.write_bytes(CARD, card_text(table, run).encode("utf-8"))
 
 
 def write_card(folder: Path, table: pa.Table, run: dict, note: str = "") -> Path:

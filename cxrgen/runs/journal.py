@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import io
 import json
-import os
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cxrgen.files import STATE_DIR, atomic_write, io_error
+from cxrgen.storage.base import METADATA, RECORDS_DIR, WHOLE, RecordPart, Store  # noqa: F401 - RECORDS_DIR: readers name it here
+from cxrgen.storage.open import open_store
 
 # `cxrgen evaluate`'s folder. Not "evaluation": datasets' imagefolder reads eval/evaluation/test/val/train in
 # any path as a split name, and would then load the plots instead of the images.
 EVAL_DIR = "quality"
-RECORDS_DIR = f"{STATE_DIR}/records"
 
 # Fixed column types, so an empty run and a resumed run write the same schema.
 METADATA_SCHEMA = pa.schema([
@@ -31,73 +31,36 @@ METADATA_SCHEMA = pa.schema([
 
 
 class Journal:
-    """Append-only JSON-lines file of finished images, one per writer process; fsynced per batch."""
+    """One writer's records of finished images: a part file appended and fsynced per batch in a local folder,
+    one immutable object per batch in an object store (storage.base.RecordWriter)."""
 
-    def __init__(self, out: Path, writer: str):
-        self.path = out / RECORDS_DIR / f"part-{writer}.jsonl"
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Unbuffered: a failed write must not leave bytes in a buffer that a later flush or close writes.
-            self._handle = open(self.path, "ab", buffering=0)
-            torn = self._size() > 0 and _last_byte(self.path) != b"\n"
-        except OSError as exc:  # full disk (no inode left), I/O error, read-only folder: one line, not a traceback
-            raise io_error(self.path, exc) from None
-        if torn:
-            # A kill tore the last line: end it so the next record starts on a line of its own.
-            self._write(b"\n")
+    def __init__(self, out: Store | Path | str, writer: str, share: tuple[int, int] = WHOLE):
+        self._writer = open_store(out).record_writer(writer, share)
+        self.path = self._writer.path  # the local part file (None in an object store)
 
     def append(self, records: list[dict]) -> None:
         """Record images whose files are already in place, durably."""
         if records:
-            self._write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
-
-    def _write(self, data: bytes) -> None:
-        """Write and fsync all of data, or raise RunError leaving the file as it was (best effort)."""
-        start = None
-        try:
-            start = self._size()
-            view = memoryview(data)
-            while view:
-                view = view[self._handle.write(view):]
-            os.fsync(self._handle.fileno())
-        except OSError as exc:
-            if start is not None:
-                # Cut the half-written line: no partial record may survive a full disk (resume redoes them).
-                _truncate_quietly(self._handle.fileno(), start)
-            raise io_error(self.path, exc) from None
-
-    def _size(self) -> int:
-        return os.fstat(self._handle.fileno()).st_size
+            self._writer.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
 
     def close(self) -> None:
-        """Close the file; records already appended stay."""
-        self._handle.close()
+        """Close the writer; records already appended stay."""
+        self._writer.close()
 
 
-def _truncate_quietly(fd: int, size: int) -> None:
-    try:
-        os.ftruncate(fd, size)
-    except OSError:
-        pass  # then read_records skips the torn line and __init__ ends it on the next open
-
-
-def _last_byte(path: Path) -> bytes:
-    with open(path, "rb") as handle:
-        handle.seek(-1, os.SEEK_END)
-        return handle.read(1)
-
-
-def read_records(out: Path, fields: tuple[str, ...] | None = None) -> dict[str, dict]:
+def read_records(out: Store | Path, fields: tuple[str, ...] | None = None,
+                 share: tuple[int, int] | None = None) -> dict[str, dict]:
     """Every recorded image by image_id (first record wins); a torn last line from a kill is skipped.
 
     fields: keep only these keys (image_id is always read). Then the journal is parsed by Arrow's
-    multi-threaded JSON reader: a million records in seconds instead of a minute.
+    multi-threaded JSON reader: a million records in seconds instead of a minute. share: only records that
+    may belong to it are needed (an object store then lists only the writers whose shares overlap it).
     """
     keep = tuple(dict.fromkeys(("image_id", *fields))) if fields else None
     fast = keep is not None and all(name in _FIELD_TYPES for name in keep)
     schema = pa.schema([(name, _FIELD_TYPES[name]) for name in keep]) if fast else None
     records: dict[str, dict] = {}
-    for part in _journal_parts(out):
+    for part in open_store(out).record_parts(share):
         table = _arrow_part(part, schema) if fast else None
         if table is not None:
             columns = [table.column(name).to_pylist() for name in keep]
@@ -109,31 +72,25 @@ def read_records(out: Path, fields: tuple[str, ...] | None = None) -> dict[str, 
     return records
 
 
-def _journal_parts(out: Path) -> list[Path]:
-    folder = out / RECORDS_DIR
-    return sorted(folder.glob("part-*.jsonl")) if folder.is_dir() else []
-
-
-def _read_part(part: Path):
-    with open(part, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            if not line.endswith("\n"):
-                continue  # torn write: the image is regenerated on resume
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue
+def _read_part(part: RecordPart):
+    for line in io.StringIO(part.read().decode("utf-8", errors="replace"), newline="\n"):
+        if not line.endswith("\n"):
+            continue  # torn write: the image is regenerated on resume
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            continue
 
 
 _FIELD_TYPES = {"image_id": pa.string(), "file_name": pa.string(), "file_bytes": pa.int64(),
                 "file_crc32": pa.int64()}
 
 
-def _arrow_part(part: Path, schema: pa.Schema) -> pa.Table | None:
+def _arrow_part(part: RecordPart, schema: pa.Schema) -> pa.Table | None:
     """The schema's columns of every complete line, or None when a line is damaged (read line by line then)."""
     import pyarrow.json as pj
 
-    data = part.read_bytes()
+    data = part.read()
     data = data[:data.rfind(b"\n") + 1]  # a torn last line has no newline yet
     if not data:
         return schema.empty_table()
@@ -144,14 +101,14 @@ def _arrow_part(part: Path, schema: pa.Schema) -> pa.Table | None:
         return None
 
 
-def read_record_table(out: Path, image_ids: list[str]) -> pa.Table:
+def read_record_table(out: Store | Path, image_ids: list[str]) -> pa.Table:
     """The metadata columns of the records of `image_ids`, in that order (first record of an image wins).
 
     Arrow reads the journals (a million records in seconds and a fraction of the memory of Python
     dicts); a journal with a damaged line is read line by line instead. Every id must be recorded.
     """
     tables = []
-    for part in _journal_parts(out):
+    for part in open_store(out).record_parts():
         table = _arrow_part(part, METADATA_SCHEMA)
         tables.append(table if table is not None else
                       pa.Table.from_pylist(list(_read_part(part)), schema=METADATA_SCHEMA))
@@ -163,17 +120,25 @@ def read_record_table(out: Path, image_ids: list[str]) -> pa.Table:
     return table.take(pa.array([first[i] for i in image_ids], type=pa.int64()))
 
 
-def write_metadata(out: Path, records: list[dict] | pa.Table, labels: pa.Table, rows: list[int]) -> Path:
-    """metadata.parquet: one row per image in plan order, the manifest's label columns appended."""
+def write_metadata(out: Store | Path, records: list[dict] | pa.Table, labels: pa.Table,
+                   rows: list[int]) -> Path | str | None:
+    """metadata.parquet: one row per image in plan order, the manifest's label columns appended; its location.
+
+    None when another process committed it first (an object store's merge is decided by that commit).
+    """
     table = records if isinstance(records, pa.Table) else pa.Table.from_pylist(records, schema=METADATA_SCHEMA)
     picked = labels.take(pa.array([r - 1 for r in rows], type=pa.int64())) if labels.num_columns else None
     for index, column_name in enumerate(label_column_names(labels.column_names) if picked is not None else []):
         table = table.append_column(column_name, picked.column(index))
-    buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer)
-    path = out / "metadata.parquet"
-    atomic_write(path, buffer.getvalue().to_pybytes())
-    return path
+    store = open_store(out)
+    if store.local is not None:
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer)
+        store.write_bytes(METADATA, buffer.getvalue().to_pybytes())
+        return store.local / METADATA
+    with tempfile.TemporaryDirectory(prefix="cxrgen-merge-") as folder:
+        pq.write_table(table, Path(folder) / METADATA)
+        return store.where(METADATA) if store.commit(METADATA, Path(folder) / METADATA) else None
 
 
 def label_column_names(names: list[str]) -> list[str]:
