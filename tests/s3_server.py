@@ -30,18 +30,21 @@ class Fault:
     status: int
     code: str
     count: int  # how many requests still get it; -1: all
+    after: bool = False  # the request reaches the store first, then the error answers it (a lost response)
 
 
 class Gate:
-    """WSGI middleware in front of moto: atomic conditional writes and injected faults; counts requests."""
+    """WSGI middleware in front of moto: atomic conditional writes and injected faults; logs every request as
+    [method, path, HTTP status]."""
 
     def __init__(self, app):
         self.app, self.faults, self.lock = app, [], threading.Lock()
         self.requests: list[tuple[str, str]] = []
         self.conditional = threading.Lock()
 
-    def fail(self, method: str, fragment: str, status: int = 503, code: str = "SlowDown", count: int = 1) -> Fault:
-        fault = Fault(method, fragment, status, code, count)
+    def fail(self, method: str, fragment: str, status: int = 503, code: str = "SlowDown", count: int = 1,
+             after: bool = False) -> Fault:
+        fault = Fault(method, fragment, status, code, count, after)
         with self.lock:
             self.faults.append(fault)
         return fault
@@ -52,21 +55,31 @@ class Gate:
 
     def __call__(self, environ, start_response):
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
+        entry = [method, path, 0]
         with self.lock:
-            self.requests.append((method, path))
-            for fault in self.faults:
-                if fault.count != 0 and fault.method in ("*", method) and fault.fragment in path:
-                    fault.count -= 1 if fault.count > 0 else 0
-                    body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{fault.code}</Code>'
-                            f"<Message>injected by the test</Message></Error>").encode()
-                    start_response(f"{fault.status} {fault.code}", [("Content-Type", "application/xml"),
-                                                                    ("Content-Length", str(len(body)))])
-                    return [body]
+            self.requests.append(entry)
+            hit = next((f for f in self.faults if f.count != 0 and f.method in ("*", method) and f.fragment in path),
+                       None)
+            if hit is not None:
+                hit.count -= 1 if hit.count > 0 else 0
+        if hit is not None:
+            if hit.after:
+                with self.conditional:
+                    list(self.app(environ, lambda *a, **k: None))
+            entry[2] = hit.status
+            body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{hit.code}</Code>'
+                    f"<Message>injected by the test</Message></Error>").encode()
+            start_response(f"{hit.status} {hit.code}", [("Content-Type", "application/xml"),
+                                                        ("Content-Length", str(len(body)))])
+            return [body]
+        def answer(status, headers, *rest):
+            entry[2] = int(status.split()[0])
+            return start_response(status, headers, *rest)
         conditional = ("HTTP_IF_NONE_MATCH" in environ or "HTTP_IF_MATCH" in environ) and method in ("PUT", "POST")
         if conditional:
             with self.conditional:
-                return list(self.app(environ, start_response))
-        return self.app(environ, start_response)
+                return list(self.app(environ, answer))
+        return self.app(environ, answer)
 
 
 class GatedMotoServer(ThreadedMotoServer):

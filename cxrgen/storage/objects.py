@@ -126,10 +126,11 @@ class ObjectStore(Store):
         """bucket/prefix/name, the path s3fs takes."""
         return "/".join(p for p in (self.bucket, self.prefix, name) if p)
 
-    def call(self, what: str, name: str, fn, *args, **kwargs):
+    def call(self, what: str, name: str, fn, *args, retried: list | None = None, **kwargs):
         """fn(*args, **kwargs), retried on transient failures; other failures become one-line errors.
 
         FileNotFoundError (absent) and FileExistsError (a conditional create lost) reach the caller as they are.
+        retried: gets an entry per retry (a create retried after a lost answer may find its own object).
         """
         delay, started = self.backoff_s, time.monotonic()
         for attempt in range(1, self.attempts + 1):
@@ -144,6 +145,8 @@ class ObjectStore(Store):
                 if kind == "exists":
                     raise FileExistsError(self.where(name)) from None
                 if kind == "transient" and attempt < self.attempts:
+                    if retried is not None:
+                        retried.append(kind)
                     time.sleep(random.uniform(delay / 2, delay))  # jitter: many writers must not retry in step
                     delay = min(delay * 2, 8.0)
                     continue
@@ -196,12 +199,13 @@ class ObjectStore(Store):
         self.wrote = True
 
     def create_bytes(self, name: str, data: bytes) -> bool:
-        """PUT with If-None-Match: *; False when the name exists (unless it holds exactly these bytes: a retried
-        create whose first attempt did land)."""
+        """PUT with If-None-Match: *; False when the name exists. After a retry the existing object may be this
+        call's own first attempt, whose answer was lost: then it holds exactly these bytes."""
+        retried: list = []
         try:
-            self.call("create", name, self.fs.pipe_file, self.key(name), data, mode="create")
+            self.call("create", name, self.fs.pipe_file, self.key(name), data, mode="create", retried=retried)
         except FileExistsError:
-            return self.read_bytes(name) == data
+            return bool(retried) and self.read_bytes(name) == data
         self.wrote = True
         return True
 
@@ -228,14 +232,27 @@ class ObjectStore(Store):
                     done = self.call("upload", name, s3, "upload_part", Bucket=self.bucket, Key=key,
                                      PartNumber=number, UploadId=upload["UploadId"], Body=chunk)
                     parts.append({"PartNumber": number, "ETag": done["ETag"]})
+            retried: list = []
             self.call("commit", name, s3, "complete_multipart_upload", Bucket=self.bucket, Key=key,
-                      UploadId=upload["UploadId"], MultipartUpload={"Parts": parts}, IfNoneMatch="*")
-        except FileExistsError:
+                      UploadId=upload["UploadId"], MultipartUpload={"Parts": parts}, IfNoneMatch="*", retried=retried)
+        except (FileExistsError, FileNotFoundError) as exc:
+            # after a retry, the object there may be this upload, completed by an attempt whose answer was lost
+            if parts and retried and self._etag(name) == _multipart_etag(parts):
+                self.wrote = True
+                return True
+            if isinstance(exc, FileNotFoundError):
+                raise self.error("other", exc, "commit", name) from None
             self.call("abort an upload of", name, s3, "abort_multipart_upload", Bucket=self.bucket, Key=key,
                       UploadId=upload["UploadId"])
             return False
         self.wrote = True
         return True
+
+    def _etag(self, name: str) -> str | None:
+        try:
+            return str(self.call("read", name, self.fs.info, self.key(name)).get("ETag", "")).strip('"')
+        except FileNotFoundError:
+            return None
 
     def upload(self, name: str, source: Path) -> None:
         """Write a local file as one object (multipart when large); the object appears when complete."""
@@ -355,6 +372,14 @@ class ObjectStore(Store):
         host = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())[:32]
         self.write_bytes(f"{MERGES_DIR}/{_stamp()}-{host}-{os.getpid()}-{secrets.token_hex(3)}.log",
                          f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} {line}\n".encode())
+
+
+def _multipart_etag(parts: list[dict]) -> str:
+    """S3's ETag of a completed multipart upload: md5 of the parts' md5s, then "-" and the number of parts."""
+    import hashlib
+
+    digests = b"".join(bytes.fromhex(part["ETag"].strip('"')) for part in parts)
+    return f"{hashlib.md5(digests).hexdigest()}-{len(parts)}"
 
 
 def share_folder(share: tuple[int, int]) -> str:

@@ -84,7 +84,9 @@ def pixels(data: bytes) -> np.ndarray:
 
 
 def metadata_puts(s3, bucket: str) -> int:
-    return sum(1 for method, path in s3.gate.requests if method == "PUT" and path == f"/{bucket}/run/metadata.parquet")
+    """Successful PUTs of metadata.parquet: merges that reached the bucket (a lost conditional create gets 412)."""
+    return sum(1 for method, path, status in s3.gate.requests
+               if method == "PUT" and path == f"/{bucket}/run/metadata.parquet" and status == 200)
 
 
 def assert_same_as_reference(s3, bucket: str, reference: Path, *, same_bytes: bool = False) -> dict[str, bytes]:
@@ -293,6 +295,39 @@ def test_racing_launches_with_other_settings_leave_one_run_and_one_line_for_the_
     assert objects(s3, bucket) == found
 
 
+def test_merges_racing_on_a_finished_prefix_commit_metadata_once(s3, args, manifest):
+    import threading
+
+    from cxrgen.config import RunConfig
+    from cxrgen.manifests.workitems import load_plan
+    from cxrgen.runs.state import finalize_once
+
+    bucket = s3.bucket()
+    url = f"s3://{bucket}/run"
+    assert runner.invoke(app, args(url)).exit_code == 0
+    c = client(s3)
+    for key in ("run/metadata.parquet", "run/README.md"):
+        c.delete_object(Bucket=bucket, Key=key)
+    for key in [k for k in objects(s3, bucket) if k.startswith(".cxrgen/merges/")]:
+        c.delete_object(Bucket=bucket, Key=f"run/{key}")
+    s3.gate.requests.clear()
+    saved = json.loads(objects(s3, bucket)["run.json"])
+    manifest_, plan = load_plan(RunConfig.from_dict(saved["config"]))
+    results, start = [], threading.Barrier(4)
+
+    def merge():
+        start.wait()
+        results.append(finalize_once(url, plan, manifest_))
+    threads = [threading.Thread(target=merge) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [f"{url}/metadata.parquet"] * 4
+    assert metadata_puts(s3, bucket) == 1
+    assert len([k for k in objects(s3, bucket) if k.startswith(".cxrgen/merges/")]) == 1
+
+
 # ---------------------------------------------------------------- a flaky store
 
 
@@ -306,7 +341,7 @@ def test_throttling_and_server_errors_are_retried_and_the_run_completes(s3, args
     finally:
         s3.gate.clear()
     assert result.exit_code == 0, result.output
-    puts = collections.Counter(p for m, p in s3.gate.requests if m == "PUT" and f"/{bucket}/run/images/" in p)
+    puts = collections.Counter(p for m, p, _ in s3.gate.requests if m == "PUT" and f"/{bucket}/run/images/" in p)
     assert sum(puts.values()) == PLANNED + 4 and max(puts.values()) >= 2  # failed PUTs were sent again
     assert_same_as_reference(s3, bucket, reference)
 

@@ -66,6 +66,12 @@ def test_racing_creates_have_exactly_one_winner(store):
     assert store.read_bytes("run.json") == payloads[results.index(True)]
 
 
+def test_a_create_whose_answer_was_lost_is_recognised_as_its_own(store, s3):
+    s3.gate.fail("PUT", "/run/run.json", 503, "SlowDown", 1, after=True)  # stored, but the client hears 503
+    assert store.create_bytes("run.json", b"mine")  # the retry finds its own bytes: won
+    assert not store.create_bytes("run.json", b"mine")  # no retry: equal bytes of another writer are not ours
+
+
 def test_a_big_commit_goes_in_parts_and_is_still_create_once(store, tmp_path, monkeypatch):
     import cxrgen.storage.objects as objects
 
@@ -120,14 +126,14 @@ def test_racing_claims_of_one_share_have_exactly_one_winner(store):
 def test_a_lapsed_claim_is_taken_over_and_its_holder_stops_before_its_next_record(s3):
     url = f"s3://{s3.bucket()}/run"
     first, second = open_store(url), open_store(url)
-    first.claims.timeout = second.claims.timeout = 2.0
+    first.claims.timeout = second.claims.timeout = 5.0
     held = first.claims.acquire(WHOLE, "all")
     held._stop.set()  # a frozen machine: its heartbeat stops, its process does not know
     held._thread.join()
     # the holder looks alive on this host (its pid exists): only the lapse of its heartbeat frees the share
     with pytest.raises(InputError, match="another cxrgen process .* is writing"):
         second.claims.acquire(WHOLE, "all")
-    time.sleep(2.5)
+    time.sleep(5.5)
     taker = second.claims.acquire(WHOLE, "all")
     try:
         held.beat()  # the frozen machine wakes up: its next heartbeat finds the later claim
@@ -161,8 +167,8 @@ def test_throttling_and_server_errors_are_retried(store, s3):
     s3.gate.fail("GET", "/images/", 500, "InternalError", 2)
     store.write_bytes("images/00000/00000001.jpg", b"pixels")
     assert store.read_bytes("images/00000/00000001.jpg") == b"pixels"
-    puts = [p for m, p in s3.gate.requests if m == "PUT" and p.endswith("/images/00000/00000001.jpg")]
-    gets = [p for m, p in s3.gate.requests if m == "GET" and p.endswith("/images/00000/00000001.jpg")]
+    puts = [p for m, p, _ in s3.gate.requests if m == "PUT" and p.endswith("/images/00000/00000001.jpg")]
+    gets = [p for m, p, _ in s3.gate.requests if m == "GET" and p.endswith("/images/00000/00000001.jpg")]
     assert len(puts) == 4 and len(gets) == 3
 
 
