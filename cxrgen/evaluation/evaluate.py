@@ -7,11 +7,13 @@ scores.parquet, summary.json, report.md and its PNG plots (docs/evaluation.md).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
 import re
 import sys
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from cxrgen import __version__
+from cxrgen.config import is_url
 from cxrgen.errors import InputError, RunError
 from cxrgen.evaluation import metrics as em
 from cxrgen.extras import require_extra
@@ -42,6 +45,8 @@ from cxrgen.model.classifier import (
 )
 from cxrgen.runs.journal import EVAL_DIR, METADATA_SCHEMA
 from cxrgen.runs.state import read_run_json
+from cxrgen.storage.base import METADATA, Store
+from cxrgen.storage.open import open_store
 
 FLAGS = ("unreadable", "blank", "saturated", "label_missing")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -53,7 +58,7 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 class EvalOptions:
     """Every setting of one evaluation."""
 
-    out: str  # a finished cxrgen run folder
+    out: str  # a finished cxrgen run: a folder, or an object-store URL
     real: str | None = None  # folder of real PNG/JPEG images, or a CSV/Parquet table with a `path` column
     label_map: str | None = None  # JSON file column -> pathology that extends or overrides the built-in map
     min_score: float = 0.5  # calibrated score (0.5 = the release's operating point) a positive label must reach
@@ -97,11 +102,11 @@ class ImageSet:
 class EvalResult:
     """What an evaluation wrote and found; `features` hold the DenseNet features2 vectors used for FID/KID."""
 
-    out: Path
+    out: Path | str  # URLs (str) for a run in an object store
     summary: dict
-    scores_path: Path
-    summary_path: Path
-    report_path: Path
+    scores_path: Path | str
+    summary_path: Path | str
+    report_path: Path | str
     synthetic_features: np.ndarray  # readable synthetic images, metadata order
     real_features: np.ndarray | None  # readable real images, file order
     real_from_cache: bool = False
@@ -136,7 +141,7 @@ def evaluate_run(options: EvalOptions, *, weights_source: Source | None = None) 
     started = time.monotonic()
     # 1. check every input before loading the network or writing anything
     require_extra()
-    out = Path(options.out).expanduser().resolve()
+    out = open_store(options.out if is_url(options.out) else Path(options.out).expanduser().resolve())
     table, planned = _finished_run(out)
     info = release_info()
     pathologies = [name for name in info["labels"] if name]
@@ -153,7 +158,10 @@ def evaluate_run(options: EvalOptions, *, weights_source: Source | None = None) 
     timings = {"load_s": time.monotonic() - started}  # extras imported, inputs checked, network loaded
 
     # 2. one pass over the synthetic images; MS-SSIM pairs are chosen first so only their crops are kept
-    files = [out / name for name in table.column("file_name").to_pylist()]
+    names = table.column("file_name").to_pylist()
+    # a bucket's images are fetched on the decode threads, one each, as they are needed
+    files = [out.local / n for n in names] if out.local is not None else [functools.partial(_fetch, out, n)
+                                                                          for n in names]
     within, across = _run_pairs(table.column("prompt").to_pylist(), options.max_pairs)
     real_cache = _cache_path(options, evaluator, real_files, options.real) if real_files else None
     cached = _read_cache(real_cache) if real_cache else None
@@ -225,13 +233,17 @@ def evaluate_run(options: EvalOptions, *, weights_source: Source | None = None) 
     # 5. outputs, each written atomically; metadata.parquet and the images are never touched
     from cxrgen.evaluation.report import write_report
 
-    folder = out / EVAL_DIR
-    scores_path = folder / "scores.parquet"
-    _safe_write(scores_path, _scores_table(table, evaluator.pathologies, synthetic.scores, flags))
-    report_path = write_report(folder, summary, synthetic.scores, states, columns, ms_ssim, _safe_write)
-    summary_path = folder / "summary.json"
-    _safe_write(summary_path, (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
-    return EvalResult(out=out, summary=summary, scores_path=scores_path, summary_path=summary_path,
+    with tempfile.TemporaryDirectory(prefix="cxrgen-eval-") as staging:
+        # a bucket's quality/ is built on local disk, then each file is uploaded whole (summary.json last)
+        folder = out.local / EVAL_DIR if out.local is not None else Path(staging)
+        scores_path = folder / "scores.parquet"
+        _safe_write(scores_path, _scores_table(table, evaluator.pathologies, synthetic.scores, flags))
+        report_path = write_report(folder, summary, synthetic.scores, states, columns, ms_ssim, _safe_write)
+        summary_path = folder / "summary.json"
+        _safe_write(summary_path, (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+        if out.local is None:
+            scores_path, report_path, summary_path = _upload(out, folder, [scores_path, report_path, summary_path])
+    return EvalResult(out=out.local or out.url, summary=summary, scores_path=scores_path, summary_path=summary_path,
                       report_path=report_path, synthetic_features=synthetic.features[readable],
                       real_features=None if real is None else real["features"],
                       real_from_cache=cached is not None)
@@ -239,16 +251,17 @@ def evaluate_run(options: EvalOptions, *, weights_source: Source | None = None) 
 
 # ---------------------------------------------------------------------------------------------- inputs
 
-def _finished_run(out: Path) -> tuple[pa.Table, int]:
+def _finished_run(out: Store) -> tuple[pa.Table, int]:
     """metadata.parquet of a finished run, and its planned image count; an unfinished run is an input error."""
-    saved = read_run_json(out) if out.is_dir() else None
+    saved = read_run_json(out) if out.local is None or out.local.is_dir() else None
     if saved is None:
         raise InputError(f"{out} is not a cxrgen run (no run.json); give the output folder of `cxrgen generate`")
     planned = int(saved["settings"].get("planned_images", 0))
-    path = out / "metadata.parquet"
+    path = out.where(METADATA)
     try:
-        table = pq.read_table(path) if path.is_file() else None
-    except Exception:  # noqa: BLE001 - a damaged table counts as not written
+        with out.open_input(METADATA) as handle:
+            table = pq.read_table(handle)
+    except Exception:  # noqa: BLE001 - a missing or damaged table counts as not written
         table = None
     rows = 0 if table is None else table.num_rows
     if table is None or rows < planned:
@@ -335,7 +348,7 @@ def _image_pass(evaluator: Evaluator, files: list[Path], keep: set[int], options
         pending: deque = deque()
         upcoming = iter(range(n))
         for index in upcoming:
-            pending.append((index, pool.submit(prepare, files[index], index in keep)))
+            pending.append((index, pool.submit(_prepare, files[index], index in keep)))
             if len(pending) >= window:
                 break
         while pending:
@@ -343,7 +356,7 @@ def _image_pass(evaluator: Evaluator, files: list[Path], keep: set[int], options
             index, future = pending.popleft()
             following = next(upcoming, None)
             if following is not None:
-                pending.append((following, pool.submit(prepare, files[following], following in keep)))
+                pending.append((following, pool.submit(_prepare, files[following], following in keep)))
             prepared = future.result()
             # 2. record its flags; unreadable files have no tensor and count as done at once
             result.flags[index] = prepared.flags
@@ -436,6 +449,29 @@ def _scores_table(table: pa.Table, pathologies: list[str], scores: np.ndarray, f
     buffer = pa.BufferOutputStream()
     pq.write_table(pa.table(arrays), buffer)
     return buffer.getvalue().to_pybytes()
+
+
+def _prepare(source, keep_small: bool):
+    """prepare() of a file path, or of a bucket image fetched here, on the decode thread."""
+    return prepare(source() if callable(source) else source, keep_small)
+
+
+def _fetch(out: Store, name: str) -> io.BytesIO:
+    """An image of a bucket, for the decoder (a missing one decodes as unreadable)."""
+    return io.BytesIO(out.read_bytes(name) or b"")
+
+
+def _upload(out: Store, folder: Path, written: list[Path]) -> list[str]:
+    """Upload the local quality/ files, summary.json last; drop plots of an earlier evaluation this one lacks."""
+    from cxrgen.evaluation.report import is_plot
+
+    files = sorted(p.name for p in folder.iterdir() if p.name != "summary.json") + ["summary.json"]
+    for name in files:
+        out.write_bytes(f"{EVAL_DIR}/{name}", (folder / name).read_bytes())
+    for stale in out.list_names(EVAL_DIR):
+        if is_plot(stale.rsplit("/", 1)[-1]) and stale.rsplit("/", 1)[-1] not in files:
+            out.delete(stale)
+    return [out.where(f"{EVAL_DIR}/{p.name}") for p in written]
 
 
 def _safe_write(path: Path, data: bytes) -> None:

@@ -36,6 +36,11 @@ def write_report(folder: Path, summary: dict, scores: np.ndarray, states: dict, 
     return path
 
 
+def is_plot(name: str) -> bool:
+    """Whether a file name is one of the report's plots (removed when a later evaluation lacks it)."""
+    return bool(_PLOT.fullmatch(name))
+
+
 def _slug(text: str) -> str:
     return (re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "column")[:40]
 
