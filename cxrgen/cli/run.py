@@ -15,6 +15,7 @@ from cxrgen.cli.options import (
     Compile,
     DecodeBatch,
     Device,
+    Engine,
     GuidanceScale,
     ManifestArg,
     ManifestFormat,
@@ -24,6 +25,9 @@ from cxrgen.cli.options import (
     PromptColumn,
     Quiet,
     RankWait,
+    RayAddress,
+    RayGpus,
+    RayWorkers,
     Seed,
     Shard,
     Shards,
@@ -70,6 +74,8 @@ def generate(
     batch_size: BatchSize = 0, decode_batch_size: DecodeBatch = 0, device: Device = "auto",
     workers: Workers = 1, channels_last: ChannelsLast = False, compile: Compile = False,
     cache_dir: CacheDir = None, shard: Shard = None, shards: Shards = None, rank_wait: RankWait = None,
+    engine: Engine = "local", ray_address: RayAddress = None, ray_workers: RayWorkers = "auto",
+    ray_gpus_per_worker: RayGpus = None,
     quiet: Quiet = False, offline: Offline = False, verbose: Verbose = False,
 ) -> None:
     """Generate one image per (row, sample) of MANIFEST into OUT, with metadata.parquet and run.json.
@@ -93,7 +99,8 @@ def generate(
             steps=steps, scheduler=scheduler, batch_size=batch_size, decode_batch_size=decode_batch_size,
             device=device, dtype=dtype, channels_last=channels_last, compile=compile, image_format=image_format,
             jpeg_quality=jpeg_quality, file_names=file_names, workers=workers, quiet=quiet, verbose=verbose,
-            offline=stay_offline(offline, verbose),
+            offline=stay_offline(offline, verbose), engine=engine, ray_address=ray_address or "",
+            ray_workers=ray_workers, ray_gpus_per_worker=ray_gpus_per_worker,
             **({} if rank_wait is None else {"rank_wait": rank_wait}),
         )
         share = this_share(shard, shards)
@@ -121,8 +128,12 @@ def resume(
     verify: Annotated[bool, typer.Option("--verify", help="Re-read, checksum and decode every recorded image "
                                          "first and remake damaged ones (slow on big runs; by default one "
                                          "file-size check each).")] = False,
-    shard: Shard = None, shards: Shards = None, rank_wait: RankWait = None, quiet: Quiet = False,
-    offline: Offline = False, verbose: Verbose = False,
+    shard: Shard = None, shards: Shards = None, rank_wait: RankWait = None,
+    engine: Annotated[Optional[str], typer.Option("--engine", help="local or ray. [default: the saved value]")] = None,
+    ray_address: RayAddress = None,
+    ray_workers: Annotated[Optional[str], typer.Option("--ray-workers", help="auto, N or MIN-MAX. [default: the "
+                                                       "saved value]")] = None,
+    ray_gpus_per_worker: RayGpus = None, quiet: Quiet = False, offline: Offline = False, verbose: Verbose = False,
 ) -> None:
     """Finish an interrupted run with the settings saved in OUT/run.json.
 
@@ -139,7 +150,9 @@ def resume(
         result = run_resume(out, rank=share, batch_size=batch_size,
                             decode_batch_size=decode_batch_size, device=device, workers=workers,
                             cache_dir=str(cache_dir.resolve()) if cache_dir else None, rank_wait=rank_wait,
-                            verify=verify, quiet=quiet, verbose=verbose, offline=stay_offline(offline, verbose))
+                            verify=verify, quiet=quiet, verbose=verbose, offline=stay_offline(offline, verbose),
+                            engine=engine, ray_address=ray_address, ray_workers=ray_workers,
+                            ray_gpus_per_worker=ray_gpus_per_worker)
     except CxrgenError as exc:
         fail(exc)
     except KeyboardInterrupt:
@@ -219,6 +232,11 @@ def plan(
     shards: Annotated[Optional[int], typer.Option("--shards", hidden=True, help=_IGNORED)] = None,
     rank_wait: Annotated[Optional[float], typer.Option("--rank-wait", hidden=True, help=_IGNORED)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", hidden=True, help=_IGNORED)] = False,
+    engine: Annotated[str, typer.Option("--engine", hidden=True, help=_IGNORED)] = "local",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", hidden=True, help=_IGNORED)] = None,
+    ray_workers: Annotated[str, typer.Option("--ray-workers", hidden=True, help=_IGNORED)] = "auto",
+    ray_gpus_per_worker: Annotated[Optional[float], typer.Option("--ray-gpus-per-worker", hidden=True,
+                                                                 help=_IGNORED)] = None,
 ) -> None:
     """Dry run of generate: rows, images, images per label value, truncated and duplicate prompts, and a run-time
     estimate. Takes generate's options; writes nothing, loads no model, needs no torch.

@@ -44,9 +44,11 @@ from cxrgen.runs.lock import (
     InitLock,
     RankLock,
     held_rank_locks,
+    holder_name,
     unlocked_warning,
 )
 from cxrgen.runs.loop import BatchLoop, SignalGuard, batches_of
+from cxrgen.runs.ray_engine import RayCluster
 from cxrgen.runs.state import done_items, finalize_once, read_run_json
 from cxrgen.runs.workers import (
     Rank,
@@ -126,13 +128,18 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
         config = dataclasses.replace(config, file_names=LEGACY_DEFAULTS["file_names"])  # made by an earlier cxrgen
     manifest, plan = load_plan(config)
     FolderLock(state, shared=rank is not None).check_free()  # refuse a second writer before loading
-    devices = _devices(config, rank)
-    first_device = resolve_device(devices[0])
-    dtype = resolve_dtype(config.dtype, first_device, recorded=saved["settings"].get("dtype") if saved else None)
-    if saved is not None:
-        _refuse_changed(out, saved, _pixel_settings(config, manifest, plan, dtype, saved["settings"]["checkpoint_md5"],
-                                                    saved["settings"].get("text_encoder_fingerprint")))
     with contextlib.ExitStack() as held:
+        # --engine ray: join the cluster first, so a missing extra or a wrong address is told in seconds
+        cluster = held.enter_context(RayCluster(config, log, rank=rank)) if config.engine == "ray" else None
+        devices = cluster.devices if cluster else _devices(config, rank)
+        first_device = torch.device("cpu") if cluster else resolve_device(devices[0])
+        recorded_dtype = saved["settings"].get("dtype") if saved else None
+        dtype = cluster.dtype(config.dtype, recorded_dtype) if cluster else \
+            resolve_dtype(config.dtype, first_device, recorded=recorded_dtype)
+        if saved is not None:
+            _refuse_changed(out, saved, _pixel_settings(config, manifest, plan, dtype,
+                                                        saved["settings"]["checkpoint_md5"],
+                                                        saved["settings"].get("text_encoder_fingerprint")))
         rank_lock = None
         if rank is not None:  # claimed before loading, so a duplicate rank is refused at once and others see it
             with InitLock(state):
@@ -141,7 +148,7 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
         # 2. models: loaded here once to check them (and to sample, when this process is the only worker)
         bundle_root = resolve_model(config.model, config.cache_dir or str(Path.home() / ".cache" / "cxrgen"),
                                     bundle_source, offline=config.offline, progress=not config.quiet, log=log)
-        sole = len(devices) == 1
+        sole = cluster is None and len(devices) == 1
         bundle, text = load_models(config, bundle_root, devices[0] if sole else "cpu")
         settings = _pixel_settings(config, manifest, plan, dtype, bundle.md5, text.fingerprint)
         # 3. claim the folder (ranks share it); record the run, or compare with the recorded one again:
@@ -164,11 +171,17 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
         if (done or (saved is not None and rank is None)) and not config.quiet:
             log(f"{_prefix(rank)}resuming the run in {out}: {len(done)} of {len(mine)} image(s)"
                 f"{' of this share' if rank else ''} already done")
-        batches = list(batches_of(todo, config.batch_size or default_batch_size(first_device)))
+        batches = list(batches_of(todo, config.batch_size or (cluster.batch_size() if cluster and todo else
+                                                              default_batch_size(first_device))))
         # 4. sample: in this process, or in one worker process per device pulling batches from a queue
         progress = _Progress(len(plan) if rank is None else len(todo), len(plan) - len(todo) if rank is None else 0,
                              config.quiet, rank, log)
-        if sole:
+        if cluster is not None:
+            del bundle, text  # each actor loads its own copy on its device
+            results = cluster.run(batches, progress.update, worker_args=dict(
+                config=config, bundle_root=str(bundle_root), dtype=dtype, settings=settings, holder=holder_name(),
+                load=load_engine, sample=sample_batches, engine_hook=engine_hook))
+        elif sole:
             engine = make_engine(config, bundle, text, devices[0], dtype)
             results = [_sample_here(engine, config, batches, _worker_name(rank, 0), engine_hook, progress)]
         else:
@@ -269,6 +282,12 @@ def load_models(config: RunConfig, bundle_root: Path | str, device: str):
                              progress=not config.quiet, log=_stderr)
     check_widths(bundle, text)
     return bundle, text
+
+
+def load_engine(config: RunConfig, bundle_root: Path | str, device: str, dtype: str) -> Engine:
+    """An Engine with its own copy of the models on one device (a worker's, a Ray actor's)."""
+    bundle, text = load_models(config, bundle_root, device)
+    return make_engine(config, bundle, text, device, dtype)
 
 
 def make_engine(config: RunConfig, bundle, text, device: str, dtype: str) -> Engine:
@@ -385,8 +404,7 @@ def worker_main(config: RunConfig, bundle_root: str, device: str, dtype: str, na
         quiet_library_logs(config.verbose)  # a spawned process starts with the libraries' own logging set-up
         if device == "cpu":
             torch.set_num_threads(threads)  # its share of the cores: workers must not fight over them
-        bundle, text = load_models(config, bundle_root, device)
-        engine = make_engine(config, bundle, text, device, dtype)
+        engine = load_engine(config, bundle_root, device, dtype)
         engine = engine_hook(engine, name) if engine_hook else engine
         result = sample_batches(engine, Path(config.out), next_batch(tasks, stopping), config, name,
                                 on_done=lambda n: events.put(("done", name, n)), stop_check=stopping)
