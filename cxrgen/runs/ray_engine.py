@@ -9,6 +9,7 @@ an actor whose driver is gone writes nothing more. Ray is imported here only, an
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -16,6 +17,7 @@ import os
 import pickle
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -133,14 +135,17 @@ class RayCluster:
         self._connected_here = False
         if not self.ray.is_initialized():  # a caller that already joined a cluster (a notebook, a test) keeps it
             check_reachable(config.ray_address)
-            quiet = logging.INFO if config.verbose else logging.ERROR
             try:
-                self.ray.init(address=config.ray_address or None, logging_level=quiet,
-                              log_to_driver=config.verbose, configure_logging=True)
+                with _ray_logs(config.verbose):
+                    self.ray.init(address=config.ray_address or None,
+                                  logging_level=logging.INFO if config.verbose else logging.ERROR,
+                                  log_to_driver=config.verbose, configure_logging=True)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise InputError(f"cannot join the Ray cluster at {config.ray_address or '$RAY_ADDRESS'}: "
                                  f"{first_line(exc)}; check --ray-address, or use --engine local") from None
             self._connected_here = True
+        if not config.verbose:
+            _quiet_console("ray.data")  # its INFO/WARNING lines would break the progress bar; its log file stays
         resources = self.ray.cluster_resources()
         nodes = [n for n in self.ray.nodes() if n.get("Alive")]
         self.placement = placement(config, resources.get("GPU", 0.0),
@@ -148,6 +153,11 @@ class RayCluster:
         self.summary = (f"{len(nodes)} node(s), {resources.get('CPU', 0):g} CPU(s), "
                         f"{resources.get('GPU', 0):g} GPU(s)")
         self._gpu: dict | None = None
+        if not config.quiet:
+            low, high = self.placement.workers
+            each = f"{self.placement.gpus:g} GPU" if self.placement.gpus else f"{self.placement.cpus:g} CPU(s)"
+            log(f"cxrgen: Ray engine: {low if low == high else f'{low} to {high}'} worker(s) of {each} each, on a "
+                f"cluster of {self.summary} now")
 
     def __enter__(self) -> "RayCluster":
         return self
@@ -196,11 +206,6 @@ class RayCluster:
         if hasattr(context, "print_on_execution_start"):
             context.print_on_execution_start = False
         low, high = self.placement.workers
-        if not self.config.quiet:
-            size = f"{low}" if low == high else f"{low} to {high}"
-            each = f"{self.placement.gpus:g} GPU" if self.placement.gpus else f"{self.placement.cpus:g} CPU(s)"
-            self.log(f"cxrgen: Ray engine: {size} worker(s) of {each} each, on a cluster of {self.summary}; "
-                     f"{len(batches)} batch(es)")
         # One row per batch, one block per row: Ray hands whole batches to the actors, never re-cut ones.
         rows = [{"batch": pickle.dumps(batch)} for batch in batches]
         dataset = data.from_items(rows, override_num_blocks=len(rows)).map_batches(
@@ -239,6 +244,34 @@ class RayCluster:
                               130 if stop.signum == signal.SIGINT else 143)
         return [WorkerResult(name, images, max(0.0, ended - started))
                 for name, (images, started, ended) in sorted(spans.items()) if images]
+
+
+@contextlib.contextmanager
+def _ray_logs(verbose: bool):
+    """While the driver joins Ray: Ray's C++ core prints lines meant for Ray's developers on stderr (e.g. that
+    Ray Data's actors keep their constructor arguments in the object store, harmless here): only fatal ones,
+    unless --verbose or the user set the level. The core announces that level on stderr as it starts, so
+    stderr is closed for the moment ray.init runs; its failures still arrive as exceptions."""
+    if verbose or "RAY_BACKEND_LOG_LEVEL" in os.environ:
+        yield
+        return
+    os.environ["RAY_BACKEND_LOG_LEVEL"] = "fatal"
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+        os.environ.pop("RAY_BACKEND_LOG_LEVEL", None)
+
+
+def _quiet_console(name: str) -> None:
+    for handler in logging.getLogger(name).handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.ERROR)
 
 
 class _Stop(Exception):
