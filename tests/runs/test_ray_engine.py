@@ -221,9 +221,16 @@ def test_a_restarted_worker_never_rewrites_what_its_predecessor_recorded(manifes
     batch = next(iter(batches_of(load_plan(cfg)[1], 2)))
     settings = __import__("json").loads((single / "run.json").read_text())["settings"]
     lock = FolderLock(out / STATE_DIR).acquire()  # the driver's
+    sampled: list[int] = []  # the size of every batch the engines sample
+
+    def count_sizes(engine, name):
+        original = engine.run_batch
+        engine.run_batch = lambda items, on_step=None: sampled.append(len(items)) or original(items, on_step)
+        return engine
+
     worker = functools.partial(BatchWorker, config=cfg, bundle_root=str(bundle_dir), dtype="float32",
                                settings=settings, holder=holder_name(), load=load_engine, sample=sample_batches,
-                               engine_hook=None, device="cpu", threads=1, lineage="ray-test")
+                               engine_hook=count_sizes, device="cpu", threads=1, lineage="ray-test")
     blob = {"batch": [__import__("pickle").dumps(batch)]}
     first = worker()
     assert first.name == "ray-test-0" and first({**blob})["written"] == [2]
@@ -235,7 +242,7 @@ def test_a_restarted_worker_never_rewrites_what_its_predecessor_recorded(manifes
     assert Journal(out, second.name).path == out / RECORDS_DIR / "part-ray-test-1.jsonl"  # the part it claimed
     row = second(blob)
     assert row["done"] == [2] and row["written"] == [0] and row["error"] == [""]
-    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in paths] == stats
+    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in paths] == stats and sampled == [2]  # nothing sampled
     # 2. it journaled only the first image (a torn append): only the second is made, from the whole batch
     for part in (out / RECORDS_DIR).glob("part-ray-test-*.jsonl"):
         lines = part.read_text().splitlines(keepends=True)
@@ -243,6 +250,7 @@ def test_a_restarted_worker_never_rewrites_what_its_predecessor_recorded(manifes
     paths[1].unlink()
     third = worker()
     assert third.name == "ray-test-2" and third(blob)["written"] == [1]
+    assert sampled == [2, 2]  # the one missing image was sampled within its whole batch (same float rounding)
     assert (paths[0].stat().st_ino, paths[0].stat().st_mtime_ns) == stats[0]
     assert paths[1].read_bytes() == (single / batch[1].file_name).read_bytes()
     assert set(read_records(out, ("file_name",))) == {item.image_id for item in batch}
