@@ -211,6 +211,8 @@ class RayCluster:
         dataset = data.from_items(rows, override_num_blocks=len(rows)).map_batches(
             BatchWorker, batch_size=1, zero_copy_batch=True, num_cpus=self.placement.cpus,
             num_gpus=self.placement.gpus or None,
+            # Ray Data's actor pool restarts a dead actor without limit and retries the batches sent to it on the
+            # new incarnation (its default: tests/runs/test_ray_engine.py kills an actor to hold Ray to it)
             compute=data.ActorPoolStrategy(min_size=low, max_size=high,
                                            max_tasks_in_flight_per_actor=_TASKS_IN_FLIGHT_PER_ACTOR),
             fn_constructor_kwargs={**worker_args, "device": self.placement.device,
@@ -315,7 +317,7 @@ def _root_cause(exc: BaseException) -> str:
         if not isinstance(inner, BaseException):
             break
         exc = inner
-    return first_line(exc, with_type=True)
+    return first_line(exc, with_type=True).rstrip(".")
 
 
 def claim_part_name(out: Path, lineage: str) -> str:
@@ -396,8 +398,8 @@ class BatchWorker:
         self.name = ""
         try:
             self._start(bundle_root, dtype, settings, load, engine_hook, device, threads, lineage)
-        except CxrgenError as exc:
-            self.error = (str(exc), exc.exit_code)
+        except CxrgenError as exc:  # say where: the driver may run elsewhere, with other folders and models
+            self.error = (f"Ray worker on {socket.gethostname()}: {exc}", exc.exit_code)
 
     def _start(self, bundle_root, dtype, settings, load, engine_hook, device, threads, lineage) -> None:
         from cxrgen.hub.download import quiet_library_logs
@@ -405,23 +407,22 @@ class BatchWorker:
 
         config, out = self.config, self.out
         quiet_library_logs(config.verbose)
-        where = f"Ray node {socket.gethostname()}"
         if not (out / "run.json").is_file():
-            raise InputError(f"{out} is not visible on {where}: the output folder must be on a file system every "
-                             "node mounts at the same path (NFS, a shared volume)")
+            raise InputError(f"{out} is not visible here (no run.json): the output folder must be on a file system "
+                             "every node mounts at the same path (NFS, a shared volume)")
         if device == "cpu":
             torch.set_num_threads(max(1, threads))  # the cores Ray reserved for this actor, no more
         elif not dtype_supported(dtype, torch.device("cuda")):
-            raise InputError(f"the GPU of {where} ({torch.cuda.get_device_name()}) cannot sample in {dtype}, the "
-                             "run's dtype; give the run GPUs that can, or start it with --dtype float16")
+            raise InputError(f"this GPU ({torch.cuda.get_device_name()}) cannot sample in {dtype}, the run's dtype; "
+                             "give the run GPUs that can, or start it with --dtype float16")
         md5 = settings["checkpoint_md5"]
         root = bundle_root if Path(bundle_root, "configs").is_dir() else \
             resolve_model(config.model, config.cache_dir or str(Path.home() / ".cache" / "cxrgen"),
                           expected_md5=md5, offline=config.offline, progress=False)
         engine = load(config, root, device, dtype)
         if engine.bundle.md5 != md5 or engine.text.fingerprint != settings.get("text_encoder_fingerprint"):
-            raise InputError(f"the models on {where} ({root}, {config.text_encoder}) differ from the driver's; "
-                             "stage the same files on every node (`cxrgen download`) or share the cache folder")
+            raise InputError(f"the models here ({root}, {config.text_encoder}) differ from the driver's; stage the "
+                             "same files on every node (`cxrgen download`) or share the cache folder")
         self.lineage = lineage or _lineage()
         self.name = claim_part_name(out, self.lineage)
         self.recorded = recorded_by_lineage(out, self.lineage, self.name)

@@ -136,32 +136,55 @@ def test_an_actor_error_stops_the_run_in_one_line_and_resume_with_ray_finishes(m
     assert merges(out) == 1
 
 
-def _driver_script(path: Path, cfg: RunConfig) -> Path:
-    path.write_text(
+def _start_driver(script: Path, call: str) -> subprocess.Popen:
+    """A driver process running `call` (generate or resume with the Ray engine, every batch 1 s slower so it is
+    surely mid-run when a signal comes); a cxrgen error exits with its code, as the CLI's does."""
+    script.write_text(
         "import functools, sys\n"
         f"sys.path.insert(0, {str(TESTS)!r})\n"
         "import tiny\n"
         "from cxrgen.config import RunConfig\n"
-        "from cxrgen.runs.generate import generate\n"
-        f"generate(RunConfig.from_dict({cfg.to_dict()!r}),\n"
-        "         engine_hook=functools.partial(tiny.slow_batches, seconds=1.0))\n")
-    return path
+        "from cxrgen.errors import CxrgenError\n"
+        "from cxrgen.runs.generate import generate, resume\n"
+        "hook = functools.partial(tiny.slow_batches, seconds=1.0)\n"
+        "try:\n"
+        f"    {call}\n"
+        "except CxrgenError as exc:\n"
+        "    print(f'cxrgen: error: {exc}', file=sys.stderr)\n"
+        "    sys.exit(exc.exit_code)\n")
+    return subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True)
 
 
-def test_killed_driver_is_finished_by_resume(manifest, single, bundle_dir, text_encoder_dir, tmp_path, ray_address):
+def _wait_for_records(out: Path, count: int, driver: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 300
+    while len(read_records(out, ("file_name",))) < count and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def test_stopped_and_killed_drivers_leave_a_folder_resume_completes(manifest, single, bundle_dir, text_encoder_dir,
+                                                                    tmp_path, ray_address):
     out = tmp_path / "driver"
     cfg = config(manifest, out, bundle_dir, text_encoder_dir, engine="ray", ray_workers="2", ray_address=ray_address)
-    driver = subprocess.Popen([sys.executable, str(_driver_script(tmp_path / "driver.py", cfg))],
-                              stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while len(read_records(out, ("file_name",))) < 2 and driver.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
+    # 1. SIGTERM: the driver stops the pool and exits 143 with one line; what was journaled is kept
+    driver = _start_driver(tmp_path / "generate.py",
+                           f"generate(RunConfig.from_dict({cfg.to_dict()!r}), engine_hook=hook)")
+    _wait_for_records(out, 2, driver)
+    driver.send_signal(signal.SIGTERM)
+    stderr = driver.communicate(timeout=300)[1]
+    assert driver.returncode == 143, stderr
+    assert [line for line in stderr.splitlines() if line.startswith("cxrgen: error: stopped by SIGTERM")], stderr
+    first = len(read_records(out, ("file_name",)))
+    assert 2 <= first < 10, first
+    # 2. SIGKILL of a driver resuming with the Ray engine: Ray ends its actors with it
+    driver = _start_driver(tmp_path / "resume.py", f"resume({str(out)!r}, engine='ray', engine_hook=hook, quiet=True)")
+    _wait_for_records(out, first + 2, driver)
     driver.send_signal(signal.SIGKILL)
     assert driver.wait() == -signal.SIGKILL, driver.stderr.read()
     done = len(read_records(out, ("file_name",)))
-    assert 2 <= done < 10, done  # killed mid-run
+    assert first + 2 <= done < 10, (first, done)  # killed mid-run
     assert not (out / "metadata.parquet").exists()
-    result = resume(out, engine="local", quiet=True)  # as `cxrgen resume OUT --engine local`
+    # 3. `cxrgen resume OUT --engine local` finishes the same dataset as one process, merged once
+    result = resume(out, engine="local", quiet=True)
     assert result.complete and result.already_done >= done and result.written == 10 - result.already_done
     same_files_and_metadata(single, out)
     assert merges(out) == 1
@@ -260,6 +283,37 @@ def test_a_restarted_worker_never_rewrites_what_its_predecessor_recorded(manifes
     assert row["done"] == [0] and row["exit_code"] == [1] and "driver" in row["error"][0]
 
 
+def test_a_worker_that_cannot_start_answers_with_one_error_and_writes_nothing(manifest, single, bundle_dir,
+                                                                              text_encoder_dir, tmp_path):
+    """Ray would restart a crashing actor forever; a cxrgen refusal comes back once, as the row of a batch."""
+    import json
+    import pickle
+
+    settings = json.loads((single / "run.json").read_text())["settings"]
+    blob = {"batch": [pickle.dumps(next(iter(batches_of(load_plan(config(manifest, single, bundle_dir,
+                                                                           text_encoder_dir))[1], 2))))]}
+
+    def start(out: Path, **changes) -> dict:
+        worker = BatchWorker(config=config(manifest, out, bundle_dir, text_encoder_dir, engine="ray"),
+                             bundle_root=str(bundle_dir), dtype="float32", settings={**settings, **changes},
+                             holder=holder_name(), load=load_engine, sample=sample_batches, engine_hook=None,
+                             device="cpu", threads=1, lineage="ray-test")
+        return worker(blob)
+
+    # the output folder is not shared with this node
+    row = start(tmp_path / "elsewhere")
+    assert row["exit_code"] == [2] and row["done"] == [0] and "not visible here" in row["error"][0]
+    assert not (tmp_path / "elsewhere").exists()
+    # this node's models are not the driver's
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_bytes((single / "run.json").read_bytes())
+    row = start(out, text_encoder_fingerprint="another")
+    assert row["exit_code"] == [2] and "differ from the driver's" in row["error"][0]
+    assert row["error"][0].startswith(f"Ray worker on {socket.gethostname()}: ")
+    assert not (out / "images").exists() and not (out / RECORDS_DIR).exists()
+
+
 def test_placement_and_options():
     base = RunConfig(manifest="m.csv", out="o", engine="ray")
     # one actor per GPU by default; a fraction shares a GPU; CPU clusters: one actor per node, its cores as threads
@@ -293,3 +347,21 @@ def test_placement_and_options():
     # the engine options are placement, not pixels: a resume may change them
     from cxrgen.config import PIXEL_FIELDS
     assert not {"engine", "ray_address", "ray_workers", "ray_gpus_per_worker"} & set(PIXEL_FIELDS)
+
+
+def test_the_kuberay_example_runs_a_valid_ray_command_line():
+    """examples/kuberay-job.yaml's entrypoint parses as `cxrgen generate` and asks for the Ray engine."""
+    import shlex
+
+    import typer
+    import yaml
+
+    job = yaml.safe_load((TESTS.parent / "examples" / "kuberay-job.yaml").read_text())
+    assert job["kind"] == "RayJob" and job["spec"]["rayClusterSpec"]["rayVersion"]
+    args = shlex.split(job["spec"]["entrypoint"])
+    assert args[:2] == ["cxrgen", "generate"]
+    command = typer.main.get_command(app).commands["generate"]
+    params = command.make_context("generate", args[2:], resilient_parsing=False).params  # refuses unknown options
+    assert params["engine"] == "ray"
+    RunConfig(manifest=params["manifest"], out=str(params["out"]), engine=params["engine"],
+              ray_workers=params["ray_workers"], ray_gpus_per_worker=params["ray_gpus_per_worker"])  # valid values
