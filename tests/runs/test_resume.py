@@ -167,11 +167,11 @@ def _kill_on_image(n: int, after: bool):
     import cxrgen.runs.loop as loop
     real = loop.atomic_write
 
-    def atomic_write(path, data):
+    def atomic_write(path, data, **options):  # options: e.g. sync_folder (the loop syncs the folder once a batch)
         hit = _count("image") == n
         if hit and not after:
             _die()
-        real(path, data)
+        real(path, data, **options)
         if hit and after:
             _die()
     loop.atomic_write = atomic_write
