@@ -22,6 +22,7 @@ FILE_NAMES = ("index", "id")
 # Fields whose default changed: a run.json without the field was made with the old value.
 LEGACY_DEFAULTS = {"file_names": "id"}
 MANIFEST_FORMATS = ("auto", "csv", "tsv", "parquet")
+ENGINES = ("local", "ray")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -70,6 +71,12 @@ class RunConfig:
     keep_rejected: bool = False  # write rejected attempts to OUT/rejected/ with their own metadata.parquet
     verifier_weights: str = ""  # torchxrayvision release name or release file; "" = pins.VERIFIER_RELEASE
     label_map: str = ""  # JSON file label column -> pathology, as `cxrgen evaluate --label-map`; "" = built-in map
+    # Where the batches run (placement and speed, never pixels: not compared on resume). "local": this machine's
+    # processes (--workers, --device, torchrun/Slurm ranks); "ray": a pool of Ray actors that each hold the models.
+    engine: str = "local"
+    ray_address: str = ""  # Ray cluster to join: host:port, ray://host:port or auto; "" starts a Ray on this machine
+    ray_workers: str = "auto"  # actors: "auto" (one per GPU of the cluster, else one per node), N, or MIN-MAX to autoscale
+    ray_gpus_per_worker: float | None = None  # GPUs per actor: None = 1 when the cluster has GPUs, else 0 (CPU actors)
 
     def __post_init__(self) -> None:
         for flag, value in (("MANIFEST", self.manifest), ("--out", self.out), ("--model", self.model),
@@ -81,6 +88,12 @@ class RunConfig:
         _check_choice("image-format", self.image_format, IMAGE_FORMATS)
         _check_choice("file-names", self.file_names, FILE_NAMES)
         _check_choice("manifest-format", self.manifest_format, MANIFEST_FORMATS)
+        _check_choice("engine", self.engine, ENGINES)
+        ray_worker_bounds(self.ray_workers)
+        gpus = self.ray_gpus_per_worker
+        if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not 0 <= gpus <= 1):
+            raise InputError(f"--ray-gpus-per-worker {gpus!r}: use a number from 0 (CPU workers) to 1; a worker "
+                             "samples on one GPU, and a fraction such as 0.5 puts two workers on each GPU")
         _check_range("steps", self.steps, 1, 1000)
         _check_range("num-images", self.num_images, 0, 100_000)
         _check_range("batch-size", self.batch_size, 0, 4096)
@@ -122,6 +135,20 @@ PIXEL_FIELDS = (
     "guidance_scale", "negative_prompt", "seed", "steps", "scheduler", "image_format", "jpeg_quality",
     "file_names",
 )
+
+
+def ray_worker_bounds(text: str) -> tuple[int, int] | None:
+    """--ray-workers: None for "auto", (N, N) for a fixed pool, (MIN, MAX) for an autoscaling one."""
+    value = str(text).strip().lower()
+    if value == "auto":
+        return None
+    low, sep, high = value.partition("-")
+    if low.isdigit() and (high.isdigit() if sep else True):
+        bounds = (int(low), int(high) if sep else int(low))
+        if 1 <= bounds[0] <= bounds[1] <= 100_000:
+            return bounds
+    raise InputError(f"--ray-workers {text!r}: use auto, a number of workers such as 8, or MIN-MAX such as 2-16 "
+                     "for a pool that Ray grows and shrinks with the cluster (each at least 1, MIN <= MAX)")
 
 
 def canonical_dtype(dtype: str) -> str:

@@ -161,3 +161,52 @@ def one_gray_level_brighter(engine, name: str):
 
     engine.run_batch = brighter
     return engine
+
+
+def sigkill_once_after(engine, name: str, marker: str = "", batches: int = 1):
+    """engine_hook for tests (Ray actors): the first worker to start its batch number `batches` + 1 SIGKILLs its
+    own process, once per marker file (created exclusively, so exactly one incarnation of one actor dies)."""
+    import os
+    import signal
+
+    original = engine.run_batch
+    calls = [0]
+
+    def run_batch(items, on_step=None):
+        calls[0] += 1
+        if calls[0] > batches:
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                pass
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return original(items, on_step)
+
+    engine.run_batch = run_batch
+    return engine
+
+
+def fail_with_run_error(engine, name: str):
+    """engine_hook for tests: every batch fails with a cxrgen RunError (as a full disk would)."""
+    from cxrgen.errors import RunError
+
+    def run_batch(items, on_step=None):
+        raise RunError(f"simulated full disk in {name}")
+
+    engine.run_batch = run_batch
+    return engine
+
+
+def slow_batches(engine, name: str, seconds: float = 0.5):
+    """engine_hook for tests: every batch takes at least `seconds` longer (a run that is surely mid-way when killed)."""
+    import time
+
+    original = engine.run_batch
+
+    def run_batch(items, on_step=None):
+        time.sleep(seconds)
+        return original(items, on_step)
+
+    engine.run_batch = run_batch
+    return engine

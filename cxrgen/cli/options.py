@@ -58,6 +58,18 @@ Shard = Annotated[Optional[str], typer.Option(
 Shards = Annotated[Optional[int], typer.Option(
     "--shards", help="Number of shards N of a Kubernetes Indexed Job (JOB_COMPLETION_INDEX gives I); "
     "default $CXRGEN_SHARDS.")]
+# Where the batches run (--engine ray: docs on clusters); speed and placement only, like the options above.
+Engine = Annotated[str, typer.Option("--engine", help="local (this machine's processes, torchrun/Slurm ranks, "
+                                     "array jobs) or ray (a pool of Ray actors that each hold the models; "
+                                     'pip install "cxrgen[ray]").')]
+RayAddress = Annotated[Optional[str], typer.Option(
+    "--ray-address", envvar="RAY_ADDRESS", show_envvar=True, help="Ray cluster to join with --engine ray: HOST:PORT "
+    "of the head node, ray://HOST:PORT or auto; default: $RAY_ADDRESS, else a Ray started on this machine.")]
+RayWorkers = Annotated[str, typer.Option("--ray-workers", help="Ray actors: auto (one per GPU of the cluster, else "
+                                         "one per node), N, or MIN-MAX for a pool Ray grows and shrinks.")]
+RayGpus = Annotated[Optional[float], typer.Option(
+    "--ray-gpus-per-worker", help="GPUs per Ray actor: 1 when the cluster has GPUs (else 0: CPU actors); 0.5 puts "
+    "two actors on each GPU. Say 1 on an autoscaling cluster that starts without GPU nodes.")]
 CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", parser=local("--cache-dir"),
                                                   help="Bundle download cache "
                                                   "(default: $CXRGEN_HOME or ~/.cache/cxrgen).")]

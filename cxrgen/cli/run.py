@@ -15,6 +15,7 @@ from cxrgen.cli.options import (
     Compile,
     DecodeBatch,
     Device,
+    Engine,
     GuidanceScale,
     KeepRejected,
     LabelMap,
@@ -28,6 +29,9 @@ from cxrgen.cli.options import (
     PromptColumn,
     Quiet,
     RankWait,
+    RayAddress,
+    RayGpus,
+    RayWorkers,
     Seed,
     Shard,
     Shards,
@@ -84,6 +88,8 @@ def generate(
     verify: Verify = False, min_score: MinScore = None, max_attempts: MaxAttempts = None,
     verify_negatives: VerifyNegatives = False, keep_rejected: KeepRejected = False,
     verifier_weights: VerifierWeights = None, label_map: LabelMap = None,
+    engine: Engine = "local", ray_address: RayAddress = None, ray_workers: RayWorkers = "auto",
+    ray_gpus_per_worker: RayGpus = None,
     quiet: Quiet = False, offline: Offline = False, verbose: Verbose = False,
 ) -> None:
     """Generate one image per (row, sample) of MANIFEST into OUT, with metadata.parquet and run.json.
@@ -109,7 +115,8 @@ def generate(
             steps=steps, scheduler=scheduler, batch_size=batch_size, decode_batch_size=decode_batch_size,
             device=device, dtype=dtype, channels_last=channels_last, compile=compile, image_format=image_format,
             jpeg_quality=jpeg_quality, file_names=file_names, workers=workers, quiet=quiet, verbose=verbose,
-            offline=stay_offline(offline, verbose),
+            offline=stay_offline(offline, verbose), engine=engine, ray_address=ray_address or "",
+            ray_workers=ray_workers, ray_gpus_per_worker=ray_gpus_per_worker,
             **({} if rank_wait is None else {"rank_wait": rank_wait}),
             **verify_settings(verify, min_score, max_attempts, verify_negatives, keep_rejected, verifier_weights,
                               label_map),
@@ -141,8 +148,12 @@ def resume(
     verify: Annotated[bool, typer.Option("--verify", help="Re-read, checksum and decode every recorded image "
                                          "first and remake damaged ones (slow on big runs; by default one "
                                          "file-size check each).")] = False,
-    shard: Shard = None, shards: Shards = None, rank_wait: RankWait = None, quiet: Quiet = False,
-    offline: Offline = False, verbose: Verbose = False,
+    shard: Shard = None, shards: Shards = None, rank_wait: RankWait = None,
+    engine: Annotated[Optional[str], typer.Option("--engine", help="local or ray. [default: the saved value]")] = None,
+    ray_address: RayAddress = None,
+    ray_workers: Annotated[Optional[str], typer.Option("--ray-workers", help="auto, N or MIN-MAX. [default: the "
+                                                       "saved value]")] = None,
+    ray_gpus_per_worker: RayGpus = None, quiet: Quiet = False, offline: Offline = False, verbose: Verbose = False,
 ) -> None:
     """Finish an interrupted run with the settings saved in OUT/run.json.
 
@@ -159,7 +170,9 @@ def resume(
         result = run_resume(out, rank=share, batch_size=batch_size,
                             decode_batch_size=decode_batch_size, device=device, workers=workers,
                             cache_dir=str(cache_dir.resolve()) if cache_dir else None, rank_wait=rank_wait,
-                            verify=verify, quiet=quiet, verbose=verbose, offline=stay_offline(offline, verbose))
+                            verify=verify, quiet=quiet, verbose=verbose, offline=stay_offline(offline, verbose),
+                            engine=engine, ray_address=ray_address, ray_workers=ray_workers,
+                            ray_gpus_per_worker=ray_gpus_per_worker)
     except CxrgenError as exc:
         fail(exc)
     except KeyboardInterrupt:
@@ -270,6 +283,11 @@ def plan(
     keep_rejected: Annotated[bool, typer.Option("--keep-rejected", hidden=True, help=_IGNORED)] = False,
     verifier_weights: Annotated[Optional[str], typer.Option("--verifier-weights", hidden=True, help=_IGNORED)] = None,
     label_map: Annotated[Optional[Path], typer.Option("--label-map", hidden=True, help=_IGNORED)] = None,
+    engine: Annotated[str, typer.Option("--engine", hidden=True, help=_IGNORED)] = "local",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", hidden=True, help=_IGNORED)] = None,
+    ray_workers: Annotated[str, typer.Option("--ray-workers", hidden=True, help=_IGNORED)] = "auto",
+    ray_gpus_per_worker: Annotated[Optional[float], typer.Option("--ray-gpus-per-worker", hidden=True,
+                                                                 help=_IGNORED)] = None,
 ) -> None:
     """Dry run of generate: rows, images, images per label value, truncated and duplicate prompts, and a run-time
     estimate. Takes generate's options; writes nothing, loads no model, needs no torch.

@@ -38,10 +38,12 @@ from cxrgen.runs.lock import (
     InitLock,
     RankLock,
     held_rank_locks,
+    holder_name,
     unlocked_warning,
 )
 from cxrgen.runs.loop import BatchLoop, SignalGuard, batches_of, sized_batches
 from cxrgen.runs.progress import DEMO_WARNING, Progress, prefix, summary
+from cxrgen.runs.ray_engine import RayCluster
 from cxrgen.runs.record import run_record
 from cxrgen.runs.state import done_items, finalize_once, metadata_rows, read_run_json
 from cxrgen.runs.verify import differences, plan_work, prepare
@@ -127,24 +129,32 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
         config = dataclasses.replace(config, file_names=LEGACY_DEFAULTS["file_names"])  # made by an earlier cxrgen
     manifest, plan = load_plan(config)
     FolderLock(state, shared=rank is not None).check_free()  # refuse a second writer before loading
-    devices = _devices(config, rank)
-    resolved = [resolve_device(d) for d in devices]
-    # the run's dtype (compared on resume) and the one this launch samples in: they differ only for a 16-bit
-    # GPU run resumed on the CPU (float32 there; precision.run_dtypes says why)
-    dtype, sample_dtype = run_dtypes(config.dtype, resolved, saved["settings"].get("dtype") if saved else None,
-                                     saved.get("resolved", {}).get("devices", ()) if saved else ())
-    verification = prepare(config, manifest, log=None if config.quiet or saved or (rank and rank.rank) else log) \
-        if config.verify_labels else None
-    if saved is not None:
-        _refuse_changed(out, saved, _pixel_settings(config, manifest, plan, dtype, saved["settings"]["checkpoint_md5"],
-                                                    saved["settings"].get("text_encoder_fingerprint"), verification))
-        _check_split(saved, rank)
-    if config.offline:  # everything missing named at once, before anything is claimed or written
-        problem = offline_problem(config.cache_dir or str(Path.home() / ".cache" / "cxrgen"), config.model,
-                                  config.text_encoder)
-        if problem:
-            raise problem
     with contextlib.ExitStack() as held:
+        # --engine ray: join the cluster first, so a missing extra or a wrong address is told in seconds
+        if config.engine == "ray" and config.verify_labels:
+            raise InputError("--verify cannot run on --engine ray yet (its attempts are scheduled by the local "
+                             "engine's batch loop); use --engine local (workers, ranks or array jobs) for --verify")
+        cluster = held.enter_context(RayCluster(config, log, rank=rank)) if config.engine == "ray" else None
+        devices = cluster.devices if cluster else _devices(config, rank)
+        resolved = [torch.device("cpu")] if cluster else [resolve_device(d) for d in devices]
+        # the run's dtype (compared on resume) and the one this launch samples in: they differ only for a 16-bit
+        # GPU run resumed on the CPU (float32 there; precision.run_dtypes says why)
+        if cluster is not None:  # each actor samples in the run's dtype, whatever its GPU
+            dtype = sample_dtype = cluster.dtype(config.dtype, saved["settings"].get("dtype") if saved else None)
+        else:
+            dtype, sample_dtype = run_dtypes(config.dtype, resolved, saved["settings"].get("dtype") if saved else None,
+                                             saved.get("resolved", {}).get("devices", ()) if saved else ())
+        verification = prepare(config, manifest, log=None if config.quiet or saved or (rank and rank.rank) else log) \
+            if config.verify_labels else None
+        if saved is not None:
+            _refuse_changed(out, saved, _pixel_settings(config, manifest, plan, dtype, saved["settings"]["checkpoint_md5"],
+                                                        saved["settings"].get("text_encoder_fingerprint"), verification))
+            _check_split(saved, rank)
+        if config.offline:  # everything missing named at once, before anything is claimed or written
+            problem = offline_problem(config.cache_dir or str(Path.home() / ".cache" / "cxrgen"), config.model,
+                                      config.text_encoder)
+            if problem:
+                raise problem
         rank_lock = None
         if rank is not None:  # claimed before loading, so a duplicate rank is refused at once and others see it
             with InitLock(state):
@@ -153,7 +163,7 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
         # 2. models: loaded here once to check them (and to sample, when this process is the only worker)
         bundle_root = resolve_model(config.model, config.cache_dir or str(Path.home() / ".cache" / "cxrgen"),
                                     bundle_source, offline=config.offline, progress=not config.quiet, log=log)
-        sole = len(devices) == 1
+        sole = cluster is None and len(devices) == 1
         if sole:
             use_device(resolved[0])  # this process's GPU before anything lands on one (else GPU 0)
         bundle, text = load_models(config, bundle_root, devices[0] if sole else "cpu")
@@ -192,12 +202,19 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
         # --batch-size 0 on a GPU is sized by the process that samples there, from its own free memory (which
         # only a CUDA context on that GPU can read), then calibrated by its first batch
         fixed = config.batch_size or (CPU_BATCH if all(d.type == "cpu" for d in resolved) else 0)
+        if cluster is not None:  # Ray hands whole batches to actors: sized from the cluster's smallest GPU
+            fixed = config.batch_size or (cluster.batch_size() if todo else CPU_BATCH)
         # 4. sample: in this process, or in one worker process per device pulling batches from a queue
         progress = Progress(len(plan) if rank is None else len(todo), len(plan) - len(todo) if rank is None else 0,
                              config.quiet, rank, log)
         # closed however sampling ends: a stop's message then starts on its own line and no bar is redrawn after it
         held.callback(progress.close)
-        if sole:
+        if cluster is not None:
+            del bundle, text  # each actor loads its own copy on its device
+            results = cluster.run(list(batches_of(todo, fixed)), progress.update, worker_args=dict(
+                config=config, bundle_root=str(bundle_root), dtype=sample_dtype, settings=settings,
+                holder=holder_name(), load=load_engine, sample=sample_batches, engine_hook=engine_hook))
+        elif sole:
             engine = make_engine(config, bundle, text, devices[0], sample_dtype)
             batches = batches_of(todo, fixed) if fixed else sized_batches(todo, lambda: engine.batch_size)
             results = [_sample_here(engine, config, batches, _worker_name(rank, 0), engine_hook, progress,
@@ -311,6 +328,12 @@ def load_models(config: RunConfig, bundle_root: Path | str, device: str):
     return bundle, text
 
 
+def load_engine(config: RunConfig, bundle_root: Path | str, device: str, dtype: str) -> Engine:
+    """An Engine with its own copy of the models on one device (a worker's, a Ray actor's)."""
+    bundle, text = load_models(config, bundle_root, device)
+    return make_engine(config, bundle, text, device, dtype)
+
+
 def make_engine(config: RunConfig, bundle, text, device: str, dtype: str) -> Engine:
     """An Engine with the config's speed options on one device."""
     options = EngineOptions(device=resolve_device(device), dtype=dtype, scheduler=config.scheduler,
@@ -403,8 +426,7 @@ def worker_main(config: RunConfig, bundle_root: str, device: str, dtype: str, na
         quiet_library_logs(config.verbose)  # a spawned process starts with the libraries' own logging set-up
         torch.set_num_threads(threads)  # its share of the cores: workers must not fight over them
         use_device(resolve_device(device))  # before anything is loaded: this worker's GPU, not GPU 0
-        bundle, text = load_models(config, bundle_root, device)
-        engine = make_engine(config, bundle, text, device, dtype)
+        engine = load_engine(config, bundle_root, device, dtype)
         engine = engine_hook(engine, name) if engine_hook else engine
         size = (lambda: max(1, min(engine.batch_size, gather))) if gather else None
         result = sample_batches(engine, Path(config.out), next_batch(tasks, stopping, size), config, name,

@@ -74,10 +74,15 @@ def holder_text(path: Path) -> str:
     return f"pid {pid}"
 
 
+def holder_name() -> str:
+    """How a lock file names this process: "pid host"."""
+    return f"{os.getpid()} {socket.gethostname()}"
+
+
 def _write_holder(fd: int, extra: str = "") -> None:
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}{extra}\n".encode(), 0)
+        os.pwrite(fd, f"{holder_name()}{extra}\n".encode(), 0)
     except OSError:
         pass  # the name only helps messages; the flock itself is what keeps writers out
 
@@ -145,6 +150,32 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def folder_held_by(state_dir: Path, holder: str) -> bool:
+    """Whether the process named `holder` (holder_name() of it) still holds OUT/.cxrgen/lock exclusively.
+
+    Asked by helpers of that process that may run on other machines (Ray actors): once it died, or another
+    run took the folder, they must write nothing more. Where the file system cannot lock, the name is trusted.
+    """
+    path = state_dir / LOCK_FILE
+    try:
+        named = path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return False
+    if named != holder:
+        return False
+    if fcntl is None:
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        # A shared lock is refused only while someone holds the exclusive one; got, it goes with the fd.
+        return _flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB) != "locked"
+    finally:
+        os.close(fd)
 
 
 class RankLock:
