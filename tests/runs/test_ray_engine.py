@@ -205,6 +205,20 @@ def test_missing_extra_is_one_line_before_any_model_loads(manifest, bundle_dir, 
     assert not (out / "run.json").exists()
 
 
+def test_verify_on_ray_is_refused_in_one_line_before_any_model_loads(manifest, bundle_dir, text_encoder_dir,
+                                                                      tmp_path, monkeypatch):
+    def no_models(*args, **kwargs):
+        raise AssertionError("the models were loaded before --verify on ray was refused")
+
+    monkeypatch.setattr(cxrgen.runs.generate, "load_models", no_models)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["generate", str(manifest), "--out", str(out), "--model", str(bundle_dir),
+                                      "--text-encoder", str(text_encoder_dir), "--quiet", "--engine", "ray",
+                                      "--verify"])
+    assert_input_error(result, "--verify cannot run on --engine ray", "--engine local")
+    assert not out.exists() or not any(out.iterdir())
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
