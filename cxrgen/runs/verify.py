@@ -26,6 +26,7 @@ from cxrgen.errors import InputError
 from cxrgen.files import STATE_DIR
 from cxrgen.manifests.reader import Manifest
 from cxrgen.manifests.workitems import WorkItem, attempt_seed
+from cxrgen.model.label_map import label_state, map_columns, read_label_map
 from cxrgen.runs.journal import Journal, read_records
 
 ATTEMPTS_DIR = f"{STATE_DIR}/attempts"  # one journal part per writer, as records/
@@ -92,13 +93,7 @@ def prepare(config: RunConfig, manifest: Manifest, source=None, log=None) -> Ver
     from cxrgen.extras import require_extra
 
     require_extra("--verify")  # torchxrayvision is the evaluate extra's
-    from cxrgen.model.classifier import (
-        RELEASE,
-        load_evaluator,
-        release_info,
-        resolve_verifier,
-    )
-    from cxrgen.model.label_map import map_columns, read_label_map
+    from cxrgen.model.classifier import RELEASE, load_evaluator, release_info, resolve_verifier
 
     every = [p for p in release_info(RELEASE)["labels"] if p]  # the 18 names any release's outputs carry
     user_map = read_label_map(config.label_map or None, every)
@@ -113,7 +108,7 @@ def prepare(config: RunConfig, manifest: Manifest, source=None, log=None) -> Ver
                   if p not in known}
     # a column holding no 0/1 value at all (a template id, a view) is no label: nothing to report about it
     unverified.update({c: "no classifier pathology; map it with --label-map" for c in unmapped
-                       if any(_state(v) is not None for v in labels[c])})
+                       if any(label_state(v) is not None for v in labels[c])})
     if not findings:
         what = f"label columns ({', '.join(columns)})" if columns else "label columns (it has none)"
         raise InputError(f"--verify: none of the manifest's {what} is a finding the verifier {release} knows "
@@ -124,7 +119,7 @@ def prepare(config: RunConfig, manifest: Manifest, source=None, log=None) -> Ver
     for index in range(manifest.labels.num_rows):
         row: dict[str, bool] = {}
         for column, pathology in findings.items():
-            state = _state(labels[column][index])
+            state = label_state(labels[column][index])
             if state is not None and (state or config.verify_negatives):
                 row[pathology] = row.get(pathology, False) or state  # two columns, one pathology: positive wins
         if row:
@@ -146,12 +141,6 @@ def from_run(config: RunConfig, run: dict) -> Verification:
     release, weights = resolve_verifier(config.verifier_weights, config.cache_dir, offline=True, progress=False)
     return Verification(block["min_score"], block["max_attempts"], block["verify_negatives"], block["keep_rejected"],
                         release, str(weights), block["weights_sha256"], dict(block["findings"]), {})
-
-
-def _state(value) -> bool | None:
-    from cxrgen.model.label_map import label_state
-
-    return label_state(value)
 
 
 def differences(saved: dict | None, current: dict | None) -> list[str]:
