@@ -12,14 +12,17 @@ peak memory is its own:
              `merge` (finalize: metadata.parquet from every record), `resume start-up` (generate on the
              finished run: plan, locks, one stat per image, nothing to sample), `status`
              (inspect_run), each with the process's peak memory.
+  merge      the merge alone (`finalize_run`, as `cxrgen status --finalize` runs it) on a finished run of 10M
+             planned images by default, in a process of its own: its time and peak memory. The records are
+             real; the images are hard links to one tiny file (directory entries, not 10M files' blocks).
   model      loading the full-size architecture's checkpoints (random weights) as cxrgen does, built on
              the meta device, against the same networks built with their random initialisation first
              (the previous behaviour), interleaved; the ratio is the start-up saved per process.
 
 The last line printed is one JSON object for the largest size.
 
-    python benchmarks/bookkeeping.py                          # 10k, 100k and 1M planned images
-    python benchmarks/bookkeeping.py --images 10000 --write-images 2000
+    python benchmarks/bookkeeping.py                          # 10k, 100k and 1M planned images, merge at 10M
+    python benchmarks/bookkeeping.py --images 10000 --write-images 2000 --merge-images 100000
 """
 from __future__ import annotations
 
@@ -236,7 +239,85 @@ def part_model(args) -> dict:
             "model_load_speedup": statistics.median(times["init_first"]) / statistics.median(times["cxrgen"])}
 
 
-PARTS = {"write": part_write, "scale": part_scale, "model": part_model}
+def part_merge(args) -> dict:
+    """The merge alone on a finished run of args.images planned images, in a fresh process: its peak memory.
+
+    The folder is built here (records in the real format through cxrgen's Journal; every image a hard link to
+    one tiny file, so ten million of them cost directory entries, not inodes or blocks); the merge then runs in
+    a child process of its own: `finalize_run`, which walks the plan instead of holding it and streams the
+    records into metadata.parquet row group by row group.
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from cxrgen.files import file_check, write_json
+    from cxrgen.manifests.reader import read_manifest
+    from cxrgen.manifests.workitems import iter_plan
+    from cxrgen.runs.generate import _pixel_settings, _run_json, load_models
+    from cxrgen.runs.journal import Journal
+    from cxrgen.runs.loop import make_record
+
+    root = Path(args.root)
+    started = time.perf_counter()
+    bundle, text_dir = models(root)
+    cfg = config(root, manifest(root / "m.csv", args.images, ROWS_IMAGES), bundle, text_dir, device="cpu")
+    m = read_manifest(cfg.manifest)
+    plan = lambda: iter_plan(m.rows, seed=cfg.seed, num_images=cfg.num_images,  # noqa: E731
+                             guidance_scale=cfg.guidance_scale, negative_prompt=cfg.negative_prompt,
+                             image_format=cfg.image_format, file_names=cfg.file_names)
+    loaded, text = load_models(cfg, bundle, "cpu")
+    settings = _pixel_settings(cfg, m, range(args.images), "float32", loaded.md5, text.fingerprint)
+    out = Path(cfg.out)
+    out.mkdir()
+    write_json(out / "run.json", _run_json(cfg, m, settings, loaded, ["cpu"]))
+    tiny = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 128, np.uint8)).save(tiny, format="JPEG", quality=95)
+    (out / "tiny.jpg").write_bytes(tiny.getvalue())
+    check = file_check(tiny.getvalue())
+    common = {"steps": 1, "scheduler": "ddim", "height": 512, "width": 512, "model_name": "m", "model_version": "1",
+              "autoencoder_md5": "0" * 32, "diffusion_model_md5": "0" * 32, "text_encoder": str(text_dir),
+              "dtype": "float32", "device_type": "cpu", "cxrgen_version": "bench", "worker": "main",
+              "text_encoder_fingerprint": text.fingerprint}
+    journal, chunk, folders = Journal(out, "main"), [], set()
+    for item in plan():
+        path = out / item.file_name
+        if path.parent not in folders:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            folders.add(path.parent)
+        os.link(out / "tiny.jpg", path)
+        chunk.append({**make_record(item, common, {"token_count": 12, "truncated": False}), **check})
+        if len(chunk) == 10_000:
+            journal.append(chunk)
+            chunk = []
+    journal.append(chunk)
+    journal.close()
+    (out / "tiny.jpg").unlink()
+    build_s = time.perf_counter() - started
+    done = subprocess.run([sys.executable, __file__, "--part", "merge-only", "--root", str(out)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"the merge failed:\n{done.stderr[-3000:]}")
+    return {"merge_images": args.images, "merge_build_s": build_s, **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def part_merge_only(args) -> dict:
+    """finalize_run on the run in args.root (built by part_merge): seconds and this process's peak memory."""
+    import pyarrow.parquet as pq
+
+    from cxrgen.runs.generate import finalize_run
+
+    started = time.perf_counter()
+    path = finalize_run(args.root)
+    seconds = time.perf_counter() - started
+    assert path is not None, "not merged: an image or a record is missing"
+    rows = pq.ParquetFile(path).metadata.num_rows
+    return {"merge_only_s": seconds, "merge_rows": rows, "merge_peak_memory_bytes": peak_memory_bytes()}
+
+
+PARTS = {"write": part_write, "scale": part_scale, "model": part_model, "merge": part_merge,
+         "merge-only": part_merge_only}
 
 
 def child(part: str, **options) -> dict:
@@ -260,11 +341,13 @@ def main() -> None:
     parser.add_argument("--write-images", type=int, default=10_000, help="images through the write path")
     parser.add_argument("--repeats", type=int, default=3, help="repetitions of the model-load comparison")
     parser.add_argument("--skip-model", action="store_true", help="leave out the full-size model-load comparison")
+    parser.add_argument("--merge-images", type=int, default=10_000_000,
+                        help="planned images of the merge-only row (0: leave it out)")
     parser.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.part:  # inside a child process
-        args.images = int(args.images) if args.part == "scale" else args.images
+        args.images = int(args.images) if args.part in ("scale", "merge") else args.images
         print(json.dumps(PARTS[args.part](args)))
         return
     write = child("write", write_images=args.write_images)
@@ -281,6 +364,12 @@ def main() -> None:
     summary = {**results[-1], "write_images_per_s": write["write_images_per_s"],
                "write_peak_memory_bytes": write["peak_memory_bytes"], "cpu_count": os.cpu_count(),
                "sizes": results}
+    if args.merge_images:
+        merge = child("merge", images=args.merge_images)
+        print(f"{merge['merge_images']:>9,} images: merge alone (finalize_run, streamed) {merge['merge_only_s']:.1f} s, "
+              f"peak {merge['merge_peak_memory_bytes'] / 2**30:.2f} GiB (folder built in {merge['merge_build_s']:.0f} s: "
+              "tiny hard-linked images)", flush=True)
+        summary.update(merge)
     if not args.skip_model:
         model = child("model", repeats=args.repeats)
         print(f"full-size model load: {model['model_load_s']:.2f} s built on the meta device vs "

@@ -24,6 +24,7 @@ LEGACY_DEFAULTS = {"file_names": "id"}
 MANIFEST_FORMATS = ("auto", "csv", "tsv", "parquet")
 ENGINES = ("local", "ray")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class RunConfig:
     """Every setting of one run; per-row manifest columns override the run-wide defaults."""
 
     manifest: str  # absolute path of the manifest file
-    out: str  # absolute path of the output folder
+    out: str  # absolute path of the output folder, or an object-store URL (s3://bucket/prefix)
     manifest_format: str = "auto"  # "auto" picks csv/tsv/parquet from the file suffix
     prompt_column: str = "prompt"  # column holding the report sentence
     allow_empty_prompt: bool = False  # blank prompts become unconditional samples instead of an error
@@ -79,7 +80,7 @@ class RunConfig:
     ray_gpus_per_worker: float | None = None  # GPUs per actor: None = 1 when the cluster has GPUs, else 0 (CPU actors)
 
     def __post_init__(self) -> None:
-        for flag, value in (("MANIFEST", self.manifest), ("--out", self.out), ("--model", self.model),
+        for flag, value in (("MANIFEST", self.manifest), ("--model", self.model),
                             ("--text-encoder", self.text_encoder), ("--cache-dir", self.cache_dir)):
             refuse_url(value, flag)
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))  # frozen: normalised once, here
@@ -187,6 +188,11 @@ def offline_from_env(environ: dict | None = None) -> bool:
                for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+def is_url(location: str) -> bool:
+    """Whether an output location is a URL (SCHEME://...) rather than a local path."""
+    return bool(_URL.match(str(location)))
+
+
 def with_absolute_paths(config: RunConfig) -> RunConfig:
     """The config with local paths made absolute, so a run is saved, compared and resumed from anywhere.
 
@@ -197,7 +203,8 @@ def with_absolute_paths(config: RunConfig) -> RunConfig:
         path = Path(value).expanduser()
         return str(path.resolve()) if value and (always or path.is_dir() or (file and path.is_file())) else value
 
-    return dataclasses.replace(config, manifest=absolute(config.manifest, True), out=absolute(config.out, True),
+    out = config.out if is_url(config.out) else absolute(config.out, True)
+    return dataclasses.replace(config, manifest=absolute(config.manifest, True), out=out,
                                model=absolute(config.model), text_encoder=absolute(config.text_encoder),
                                cache_dir=absolute(config.cache_dir, True), label_map=absolute(config.label_map, True),
                                verifier_weights=absolute(config.verifier_weights, file=True))

@@ -34,13 +34,13 @@ def refuse_url(value, what: str) -> None:
 
     pathlib folds `s3://bucket/run` into `s3:/bucket/run`, a local folder: a run or an export would land on the
     local disk while the user believes it is in the bucket. Every input and output path goes through here, so
-    this is the one function an object-store backend replaces.
+    this is the one place that says so (a run's own location goes through cxrgen.storage.open instead).
     """
     match = _URL.match(str(value)) if value is not None else None
     if match:
-        raise InputError(f"{what} {value}: {match.group(1)}:// paths are not supported (cxrgen reads and writes "
-                         "local files only); give a local path, e.g. a bucket mounted with s3fs, gcsfuse or rclone "
-                         "mount, or copy the files there first")
+        raise InputError(f"{what} {value}: {match.group(1)}:// paths are not supported here ({what} takes a local "
+                         "path; only a run's OUT and `export --to` may be s3:// URLs); give a local path, e.g. a "
+                         "bucket mounted with s3fs, gcsfuse or rclone mount, or copy the files there first")
 
 
 def local_path(value, what: str) -> Path:

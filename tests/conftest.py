@@ -68,3 +68,32 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """An S3-compatible server (moto) on 127.0.0.1 for this module, with its variables set in this process only.
+
+    Yields the server: .endpoint, .gate (faults, request log) and .bucket() (a new empty bucket's name).
+    """
+    import secrets
+
+    import s3_server
+
+    server = s3_server.GatedMotoServer()
+    server.start()
+
+    def bucket() -> str:
+        # moto keeps its buckets in this process for the whole session, across servers: never reuse a name
+        name = f"cxrgen-test-{secrets.token_hex(6)}"
+        s3_server.make_bucket(server.endpoint, name)
+        return name
+    server.bucket = bucket
+    server.env = s3_server.environment(server.endpoint)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in server.env.items():
+            patch.setenv(name, value)
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            patch.delenv(name, raising=False)
+        yield server
+    server.stop()

@@ -170,3 +170,35 @@ def make_verified_folder(out: Path) -> Path:
         (out / folder).mkdir(parents=True, exist_ok=True)
         (out / folder / "part-main.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return out
+
+
+# ------------------------------------------------------------------ runs in a bucket (object-store tests)
+
+def upload_run(folder: Path, s3, prefix: str = "run") -> str:
+    """Copy a local run folder into a new bucket of the loopback S3 server (the same layout); returns its URL."""
+    import boto3
+    from s3_server import CREDENTIALS
+
+    bucket = s3.bucket()
+    client = boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1",
+                          aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{path.relative_to(folder).as_posix()}", Body=path.read_bytes())
+    return f"s3://{bucket}/{prefix}"
+
+
+def bucket_objects(s3, url: str) -> dict[str, bytes]:
+    """Every object under an s3:// URL, by key relative to it."""
+    import boto3
+    from s3_server import CREDENTIALS
+
+    bucket, _, prefix = url[len("s3://"):].partition("/")
+    client = boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1",
+                          aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+    found = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        for item in page.get("Contents", []):
+            found[item["Key"][len(prefix) + 1:]] = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+    return found

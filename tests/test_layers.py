@@ -18,14 +18,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cxrgen"
 # layer; never a unit beside it (hub <-> manifests, evaluation <-> publish) or above it.
 LAYERS = [
     ["cxrgen"],  # the root modules: errors, config, pins, files, provenance, extras
-    ["cxrgen.manifests", "cxrgen.hub"],
+    ["cxrgen.manifests", "cxrgen.hub", "cxrgen.storage"],
     ["cxrgen.model"],
     ["cxrgen.runs"],
     ["cxrgen.evaluation", "cxrgen.publish"],
     ["cxrgen.cli"],
 ]
 # Units that must import without torch (checked in the source: no module-level `import torch` anywhere in them).
-TORCH_FREE = ["cxrgen", "cxrgen.manifests", "cxrgen.hub", "cxrgen.cli"]
+TORCH_FREE = ["cxrgen", "cxrgen.manifests", "cxrgen.hub", "cxrgen.storage", "cxrgen.cli"]
 MAX_LINES = 500
 
 

@@ -85,9 +85,10 @@ NumImages = Annotated[int, typer.Option(help="Images per row (column num_images 
 GuidanceScale = Annotated[float, typer.Option(help="Classifier-free guidance (column overrides).")]
 NegativePrompt = Annotated[str, typer.Option(help="Unconditional prompt (column overrides).")]
 Seed = Annotated[int, typer.Option(help="Base seed of the run (column seed overrides).")]
-FinishedOut = Annotated[Path, typer.Argument(metavar="OUT", parser=local("OUT"),
-                                             help="Output folder of a finished run (holds "
-                                             "metadata.parquet).")]
+FinishedOut = Annotated[str, typer.Argument(metavar="OUT", help="Output folder or s3:// URL of a finished run "
+                                            "(holds metadata.parquet).")]
+# A run location: a local folder, or an object-store URL (a str: typer's Path would fold s3:// into s3:/).
+RunOut = Annotated[str, typer.Argument(metavar="OUT", help="Output folder or s3:// URL of a run.")]
 Offline = Annotated[bool, typer.Option("--offline", help="Never touch the network (also HF_HUB_OFFLINE=1): models "
                                        "must be staged with `cxrgen download` or given as folders.")]
 Verbose = Annotated[bool, typer.Option("--verbose", help="Let MONAI, transformers and huggingface_hub print their "
@@ -133,6 +134,22 @@ def verify_settings(verify: bool, min_score: float | None, max_attempts: int | N
     return {"verify_labels": verify, **given}
 
 
+def location(text: str | Path) -> str:
+    """A run location from the command line: a URL as typed (refused at once, exit 2, when no store can take it),
+    a local path made absolute."""
+    from cxrgen.config import is_url
+
+    if not is_url(str(text)):
+        return str(Path(text).expanduser().resolve())
+    from cxrgen.storage.open import parse_url
+
+    try:
+        parse_url(str(text))
+    except CxrgenError as exc:
+        fail(exc)
+    return str(text)
+
+
 def default_out(manifest: Path) -> Path:
     """generate's output folder when -o is not given: beside the manifest, named after it (never the manifest)."""
     return manifest.with_suffix("") if manifest.suffix else manifest.with_name(manifest.name + "_out")
@@ -155,12 +172,22 @@ def fail(exc: CxrgenError) -> None:
 def interrupted(out) -> None:
     from cxrgen.files import resume_command
 
-    if out is not None and (Path(out) / "run.json").is_file():
+    if out is not None and _recorded(out):
         typer.echo(f"cxrgen: interrupted; finished images are kept: `{resume_command(out)}` continues", err=True)
     else:  # stopped before the run was recorded: there is nothing to resume yet
         typer.echo("cxrgen: interrupted before the run started; nothing was recorded: run the same "
                    "`cxrgen generate` command again", err=True)
     raise typer.Exit(130)
+
+
+def _recorded(out) -> bool:
+    """Whether OUT holds run.json (asked of the store: a URL's run lives in a bucket)."""
+    from cxrgen.storage.open import open_store
+
+    try:
+        return open_store(location(out)).read_bytes("run.json") is not None
+    except CxrgenError:
+        return False
 
 
 def exit_for(result, share) -> None:
@@ -176,7 +203,7 @@ def exit_for(result, share) -> None:
         raise typer.Exit(INCOMPLETE_EXIT_CODE)
 
 
-def this_share(shard: Optional[str], shards: Optional[int], out: Path):
+def this_share(shard: Optional[str], shards: Optional[int], out: str):
     """This process's part of the plan from --shard, an array job's variables, the split recorded in OUT and
     launcher ranks."""
     from cxrgen.runs.state import recorded_split

@@ -11,9 +11,11 @@ from cxrgen.cli.options import (
     FinishedOut,
     Offline,
     Quiet,
+    RunOut,
     Verbose,
     fail,
     local,
+    location,
     stay_offline,
 )
 from cxrgen.config import default_cache_dir
@@ -21,7 +23,7 @@ from cxrgen.errors import CxrgenError
 
 
 def evaluate(
-    out: Annotated[Path, typer.Argument(metavar="OUT", parser=local("OUT"), help="Output folder of a finished run.")],
+    out: FinishedOut,
     real: Annotated[Optional[Path], typer.Option("--real", parser=local("--real"),
                                                  help="Real chest X-rays: a folder of PNG/JPEG files "
                                                  "(searched recursively) or a CSV/Parquet table with a path column "
@@ -61,7 +63,7 @@ def evaluate(
         from cxrgen.evaluation.evaluate import EvalOptions, evaluate_run
 
         options = EvalOptions(
-            out=str(out.resolve()), real=str(real.resolve()) if real else None,
+            out=location(out), real=str(real.resolve()) if real else None,
             label_map=str(label_map) if label_map else None, min_score=min_score, batch_size=batch_size,
             device=device, evaluator_weights=str(evaluator_weights) if evaluator_weights else None,
             unsafe_pickle=evaluator_unsafe_pickle, max_pairs=max_pairs,
@@ -77,7 +79,7 @@ def evaluate(
 
 
 def reproduce(
-    out: Annotated[Path, typer.Argument(metavar="OUT", parser=local("OUT"), help="Output folder of a run.")],
+    out: RunOut,
     image_id: Annotated[str, typer.Argument(metavar="IMAGE_ID", help="The image's id (column image_id of "
                                                                    "metadata.parquet).")],
     copy: Annotated[Optional[Path], typer.Option("--out", "-o", parser=local("--out"),
@@ -98,7 +100,7 @@ def reproduce(
     try:
         from cxrgen.runs.reproduce import reproduce_image
 
-        result = reproduce_image(out, image_id, device=device, output=copy, model=model, text_encoder=text_encoder,
+        result = reproduce_image(location(out), image_id, device=device, output=copy, model=model, text_encoder=text_encoder,
                                  offline=stay_offline(offline, verbose))
     except CxrgenError as exc:
         fail(exc)
@@ -114,8 +116,8 @@ def reproduce(
 
 def export(
     out: FinishedOut,
-    to: Annotated[Path, typer.Option("--to", parser=local("--to"),
-                                     help="Folder to create (new or empty, outside OUT).")],
+    to: Annotated[str, typer.Option("--to", help="Folder to create (new or empty, outside OUT), or an empty "
+                                    "object-store prefix such as s3://bucket/shards (webdataset).")],
     format: Annotated[str, typer.Option("--format", help="webdataset (tar shards of <key>.jpg|png + <key>.json) "
                                         "or imagefolder (hard-linked images + metadata.parquet).")] = "webdataset",
     shard_size: Annotated[str, typer.Option("--shard-size", help="webdataset: bytes per shard at most, e.g. 1GB, "
@@ -135,8 +137,9 @@ def export(
     try:
         from cxrgen.publish.export import ExportOptions, export_run, parse_size
 
-        result = export_run(ExportOptions(out=str(out), to=str(to), format=format, shard_size=parse_size(shard_size),
-                                          accepted_only=accepted_only, verified_only=verified_only))
+        result = export_run(ExportOptions(out=location(out), to=location(to), format=format, shard_size=parse_size(shard_size),
+                                          accepted_only=accepted_only,
+                                          verified_only=verified_only))
     except CxrgenError as exc:
         fail(exc)
     what = f"{len(result.files)} shard(s)" if result.format == "webdataset" else "an imagefolder"

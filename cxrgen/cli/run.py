@@ -40,11 +40,13 @@ from cxrgen.cli.options import (
     Verify,
     VerifyNegatives,
     Workers,
+    RunOut,
     default_out,
     exit_for,
     fail,
     interrupted,
     local,
+    location,
     stay_offline,
     this_share,
     verify_settings,
@@ -58,9 +60,9 @@ _IGNORED = "Accepted so that a generate command line works unchanged; plan ignor
 
 def generate(
     manifest: ManifestArg,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", parser=local("--out"),
-                                                help="Output folder (default: beside the "
-                                                "manifest, named after it).")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder or object-store URL such as "
+                                               "s3://bucket/prefix (default: a folder beside the manifest, named "
+                                               "after it).")] = None,
     manifest_format: ManifestFormat = "auto",
     prompt_column: PromptColumn = "prompt",
     allow_empty_prompt: AllowEmptyPrompt = False,
@@ -108,7 +110,7 @@ def generate(
         # beside the manifest, named after it; a manifest without a suffix must not be its own output folder
         out = out or default_out(manifest)
         config = RunConfig(
-            manifest=str(manifest.resolve()), out=str(out.resolve()), manifest_format=manifest_format,
+            manifest=str(manifest.resolve()), out=location(out), manifest_format=manifest_format,
             prompt_column=prompt_column, allow_empty_prompt=allow_empty_prompt, model=model,
             text_encoder=text_encoder, cache_dir=str(cache_dir or default_cache_dir(os.environ)),
             num_images=num_images, guidance_scale=guidance_scale, negative_prompt=negative_prompt, seed=seed,
@@ -121,7 +123,7 @@ def generate(
             **verify_settings(verify, min_score, max_attempts, verify_negatives, keep_rejected, verifier_weights,
                               label_map),
         )
-        share = this_share(shard, shards, Path(config.out))
+        share = this_share(shard, shards, config.out)
         result = run_generate(config, rank=share)
     except CxrgenError as exc:
         fail(exc)
@@ -131,8 +133,8 @@ def generate(
 
 
 def resume(
-    out: Annotated[Path, typer.Argument(metavar="OUT", parser=local("OUT"),
-                                        help="Output folder of an earlier run (holds run.json).")],
+    out: Annotated[str, typer.Argument(metavar="OUT", help="Output folder or s3:// URL of an earlier run (holds "
+                                       "run.json).")],
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per UNet call; 0 picks one "
                                                       "for the device. [default: the saved value]")] = None,
     decode_batch_size: Annotated[Optional[int], typer.Option("--decode-batch-size", help="Latents per decoder "
@@ -166,8 +168,8 @@ def resume(
     try:
         from cxrgen.runs.generate import resume as run_resume
 
-        share = this_share(shard, shards, out)
-        result = run_resume(out, rank=share, batch_size=batch_size,
+        share = this_share(shard, shards, location(out))
+        result = run_resume(location(out), rank=share, batch_size=batch_size,
                             decode_batch_size=decode_batch_size, device=device, workers=workers,
                             cache_dir=str(cache_dir.resolve()) if cache_dir else None, rank_wait=rank_wait,
                             verify=verify, quiet=quiet, verbose=verbose, offline=stay_offline(offline, verbose),
@@ -181,7 +183,7 @@ def resume(
 
 
 def status(
-    out: Annotated[Path, typer.Argument(metavar="OUT", parser=local("OUT"), help="Output folder of a run.")],
+    out: RunOut,
     finalize: Annotated[bool, typer.Option("--finalize", help="Write metadata.parquet if every image is done "
                                            "but no process merged the records (e.g. a rank died).")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Re-read, checksum and decode every recorded image "
@@ -197,6 +199,7 @@ def status(
         from cxrgen.files import resume_command
         from cxrgen.runs.state import inspect_run
 
+        out = location(out)
         report = inspect_run(out, verify=verify)
         if finalize and report.remaining == 0 and not report.finalized:
             from cxrgen.runs.generate import finalize_run
@@ -244,9 +247,8 @@ def _metadata_state(report) -> str:
 
 def plan(
     manifest: ManifestArg,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", parser=local("--out"),
-                                                help="Output folder generate would use (default: "
-                                                "beside the manifest, named after it).")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder or URL generate would use "
+                                               "(default: beside the manifest, named after it).")] = None,
     manifest_format: ManifestFormat = "auto",
     prompt_column: PromptColumn = "prompt",
     allow_empty_prompt: AllowEmptyPrompt = False,
@@ -299,7 +301,7 @@ def plan(
 
         out = out or default_out(manifest)
         config = RunConfig(
-            manifest=str(manifest), out=str(out.resolve()), manifest_format=manifest_format,
+            manifest=str(manifest), out=location(out), manifest_format=manifest_format,
             prompt_column=prompt_column, allow_empty_prompt=allow_empty_prompt, model=model,
             text_encoder=text_encoder, num_images=num_images, guidance_scale=guidance_scale, negative_prompt=negative_prompt, seed=seed,
             steps=steps, scheduler=scheduler, batch_size=batch_size, device=device, dtype=dtype,

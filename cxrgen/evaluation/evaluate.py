@@ -7,12 +7,14 @@ scores.parquet, summary.json, report.md and its PNG plots (docs/evaluation.md).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
 import os
 import re
 import sys
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -26,10 +28,12 @@ import torch
 from tqdm import tqdm
 
 from cxrgen import __version__
+from cxrgen.config import is_url
 from cxrgen.errors import InputError, RunError
 from cxrgen.evaluation import metrics as em
+from cxrgen.evaluation.run_files import fetch, finished_run, upload, verifier_of
 from cxrgen.extras import require_extra
-from cxrgen.files import atomic_write, built_aside, inside, refuse_url, resume_command
+from cxrgen.files import atomic_write, built_aside, inside, refuse_url
 from cxrgen.hub.sources import Source
 from cxrgen.model.classifier import (
     FEATURES,
@@ -44,6 +48,7 @@ from cxrgen.model.classifier import (
 from cxrgen.runs.journal import EVAL_DIR, METADATA_SCHEMA
 from cxrgen.runs.record import library_versions
 from cxrgen.runs.state import read_run_json
+from cxrgen.storage.open import open_store
 
 FLAGS = ("unreadable", "blank", "saturated", "label_missing")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -55,7 +60,7 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 class EvalOptions:
     """Every setting of one evaluation."""
 
-    out: str  # a finished cxrgen run folder
+    out: str  # a finished cxrgen run: a folder, or an object-store URL
     real: str | None = None  # folder of real PNG/JPEG images, or a CSV/Parquet table with a `path` column
     label_map: str | None = None  # JSON file column -> pathology that extends or overrides the built-in map
     min_score: float = 0.5  # calibrated score (0.5 = the release's operating point) a positive label must reach
@@ -70,7 +75,7 @@ class EvalOptions:
     offline: bool = False  # never download the weights: they must be staged (`cxrgen download --evaluator`)
 
     def __post_init__(self) -> None:
-        for flag, value in (("OUT", self.out), ("--real", self.real), ("--label-map", self.label_map),
+        for flag, value in (("--real", self.real), ("--label-map", self.label_map),
                             ("--evaluator-weights", self.evaluator_weights), ("--cache-dir", self.cache_dir)):
             refuse_url(value, flag)
         if not (0.0 <= self.min_score <= 1.0):
@@ -102,11 +107,11 @@ class ImageSet:
 class EvalResult:
     """What an evaluation wrote and found; `features` hold the DenseNet features2 vectors used for FID/KID."""
 
-    out: Path
+    out: Path | str  # URLs (str) for a run in an object store
     summary: dict
-    scores_path: Path
-    summary_path: Path
-    report_path: Path
+    scores_path: Path | str
+    summary_path: Path | str
+    report_path: Path | str
     synthetic_features: np.ndarray  # readable synthetic images, metadata order
     real_features: np.ndarray | None  # readable real images, file order
     real_from_cache: bool = False
@@ -153,10 +158,10 @@ def evaluate_run(options: EvalOptions, *, weights_source: Source | None = None) 
     started = time.monotonic()
     # 1. check every input before loading the network or writing anything
     require_extra()
-    out = Path(options.out).expanduser().resolve()
-    table, planned = _finished_run(out)
+    out = open_store(options.out if is_url(options.out) else Path(options.out).expanduser().resolve())
+    table, planned = finished_run(out)
     # a metadata.parquet may come from anywhere: never read a file outside OUT (export and preview refuse too)
-    files = [inside(out, name) for name in table.column("file_name").to_pylist()]
+    names = [inside(Path("."), name).as_posix() for name in table.column("file_name").to_pylist()]
     info = release_info()
     pathologies = [name for name in info["labels"] if name]
     user_map = em.read_label_map(options.label_map, pathologies)
@@ -173,6 +178,9 @@ def evaluate_run(options: EvalOptions, *, weights_source: Source | None = None) 
     timings = {"load_s": time.monotonic() - started}  # extras imported, inputs checked, network loaded
 
     # 2. one pass over the synthetic images; MS-SSIM pairs are chosen first so only their crops are kept
+    # a bucket's images are fetched on the decode threads, one each, as they are needed
+    files = [out.local / n for n in names] if out.local is not None else [functools.partial(fetch, out, n)
+                                                                          for n in names]
     within, across = _run_pairs(table.column("prompt").to_pylist(), options.max_pairs)
     real_cache = _cache_path(options, evaluator, real_files, options.real) if real_files else None
     cached = _read_cache(real_cache) if real_cache else None
@@ -240,7 +248,7 @@ def evaluate_run(options: EvalOptions, *, weights_source: Source | None = None) 
         "n_flagged": {flag: sum(flag in f for f in flags) for flag in FLAGS},
         "n_accepted": sum(not f for f in flags), "min_score": options.min_score, "max_pairs": options.max_pairs,
         "planned_images": planned,
-        "verifier": _verifier(out, evaluator.sha256),
+        "verifier": verifier_of(out, evaluator.sha256),
         "evaluator": {"release": RELEASE, "release_url": info["url"], "weights": str(evaluator.weights),
                       **weights_identity(evaluator.weights, evaluator.sha256), "device": str(evaluator.device),
                       "pathologies": evaluator.pathologies},
@@ -253,58 +261,30 @@ def evaluate_run(options: EvalOptions, *, weights_source: Source | None = None) 
 
     # 5. OUT/quality/ built aside and swapped in whole: a failure (a full disk, a plot that cannot be drawn)
     # leaves the previous evaluation as it was; metadata.parquet and the images are never touched
-    from cxrgen.evaluation.report import write_report
-
-    folder = out / EVAL_DIR
-    try:
-        with built_aside(folder) as staging:
-            scores_table = _scores_table(table, evaluator.pathologies, synthetic.scores, flags)
-            _safe_write(staging / "scores.parquet", scores_table)
-            report_name = write_report(staging, summary, synthetic.scores, states, columns, ms_ssim, _safe_write).name
-            _safe_write(staging / "summary.json", (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
-    except RunError as exc:
-        raise RunError(f"{str(exc).split(';')[0]}; fix the problem, then run cxrgen evaluate again") from None
-    scores_path, summary_path, report_path = folder / "scores.parquet", folder / "summary.json", folder / report_name
-    return EvalResult(out=out, summary=summary, scores_path=scores_path, summary_path=summary_path,
+    if out.local is not None:
+        folder = out.local / EVAL_DIR
+        try:
+            with built_aside(folder) as staging:
+                report_name = _write_quality(staging, table, evaluator, synthetic, flags, summary, states, columns,
+                                             ms_ssim).name
+        except RunError as exc:
+            raise RunError(f"{str(exc).split(';')[0]}; fix the problem, then run cxrgen evaluate again") from None
+        scores_path, summary_path, report_path = (folder / "scores.parquet", folder / "summary.json",
+                                                  folder / report_name)
+    else:
+        with tempfile.TemporaryDirectory(prefix="cxrgen-eval-") as staging:
+            # a bucket's quality/ is built on local disk, then each file is uploaded whole (summary.json last)
+            report = _write_quality(Path(staging), table, evaluator, synthetic, flags, summary, states, columns,
+                                    ms_ssim)
+            scores_path, report_path, summary_path = upload(
+                out, Path(staging), [Path(staging) / "scores.parquet", report, Path(staging) / "summary.json"])
+    return EvalResult(out=out.local or out.url, summary=summary, scores_path=scores_path, summary_path=summary_path,
                       report_path=report_path, synthetic_features=synthetic.features[readable],
                       real_features=None if real is None else real["features"],
                       real_from_cache=cached is not None)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-
-def _finished_run(out: Path) -> tuple[pa.Table, int]:
-    """metadata.parquet of a finished run, and its planned image count; an unfinished run is an input error."""
-    saved = read_run_json(out) if out.is_dir() else None
-    if saved is None:
-        raise InputError(f"{out} is not a cxrgen run (no run.json); give the output folder of `cxrgen generate`")
-    planned = int(saved["settings"].get("planned_images", 0))
-    path = out / "metadata.parquet"
-    try:
-        table = pq.read_table(path) if path.is_file() else None
-    except Exception:  # noqa: BLE001 - a damaged table counts as not written
-        table = None
-    rows = 0 if table is None else table.num_rows
-    if table is None or rows < planned:
-        have = "has no metadata.parquet" if table is None else f"has metadata for {rows} of {planned} planned images"
-        raise InputError(f"{out} is not a finished run ({have}); finish it with `{resume_command(out)}`, then "
-                         "evaluate it")
-    missing = [c for c in ("image_id", "file_name", "prompt") if c not in table.column_names]
-    if missing:
-        raise InputError(f"{path} lacks column {missing[0]}; it was not written by cxrgen, so it cannot be evaluated")
-    return table, planned
-
-
-def _verifier(out: Path, evaluator_sha256: str) -> dict | None:
-    """The classifier `cxrgen generate --verify` judged the run with, and whether it is this evaluator (then every
-    verified image passed these very weights, and the adherence figures say nothing new); None: not verified."""
-    block = (read_run_json(out) or {}).get("settings", {}).get("verify")
-    if block is None:
-        return None
-    return {"release": block.get("release"), "weights_file": block.get("weights_file"),
-            "sha256": block.get("weights_sha256"), "min_score": block.get("min_score"),
-            "is_evaluator": block.get("weights_sha256") == evaluator_sha256}
-
 
 def _real_files(real: str) -> tuple[list[Path], pa.Table | None]:
     """The real image files (folder searched recursively, or a table's `path` column) and the table, if any."""
@@ -389,7 +369,7 @@ def _image_pass(evaluator: Evaluator, files: list[Path], keep: set[int], options
         pending: deque = deque()
         upcoming = iter(range(n))
         for index in upcoming:
-            pending.append((index, pool.submit(prepare, files[index], index in keep)))
+            pending.append((index, pool.submit(_prepare, files[index], index in keep)))
             if len(pending) >= window:
                 break
         while pending:
@@ -397,7 +377,7 @@ def _image_pass(evaluator: Evaluator, files: list[Path], keep: set[int], options
             index, future = pending.popleft()
             following = next(upcoming, None)
             if following is not None:
-                pending.append((following, pool.submit(prepare, files[following], following in keep)))
+                pending.append((following, pool.submit(_prepare, files[following], following in keep)))
             prepared = future.result()
             # 2. record its flags; unreadable files have no tensor and count as done at once
             result.flags[index] = prepared.flags
@@ -490,6 +470,21 @@ def _scores_table(table: pa.Table, pathologies: list[str], scores: np.ndarray, f
     buffer = pa.BufferOutputStream()
     pq.write_table(pa.table(arrays), buffer)
     return buffer.getvalue().to_pybytes()
+
+
+def _prepare(source, keep_small: bool):
+    """prepare() of a file path, or of a bucket image fetched here, on the decode thread."""
+    return prepare(source() if callable(source) else source, keep_small)
+
+
+def _write_quality(folder: Path, table, evaluator, synthetic, flags, summary, states, columns, ms_ssim) -> Path:
+    """scores.parquet, the report with its plots, and summary.json (last) into folder; the report's path."""
+    from cxrgen.evaluation.report import write_report
+
+    _safe_write(folder / "scores.parquet", _scores_table(table, evaluator.pathologies, synthetic.scores, flags))
+    report = write_report(folder, summary, synthetic.scores, states, columns, ms_ssim, _safe_write)
+    _safe_write(folder / "summary.json", (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+    return report
 
 
 def _safe_write(path: Path, data: bytes) -> None:

@@ -12,6 +12,7 @@ from cxrgen.markdown import md_code, md_text
 from cxrgen.runs.journal import EVAL_DIR
 
 Write = Callable[[Path, bytes], None]  # an atomic writer (evaluate's, so errors read the same)
+_PLOT = re.compile(r"(score_\d+_.*|ms_ssim)\.png")  # the report's plots, as write_report names them
 
 
 def write_report(folder: Path, summary: dict, scores: np.ndarray, states: dict, columns: dict,
@@ -31,6 +32,11 @@ def write_report(folder: Path, summary: dict, scores: np.ndarray, states: dict, 
     path = folder / "report.md"
     write(path, _markdown(summary, finding_plots, "ms_ssim.png" in plots).encode("utf-8"))
     return path
+
+
+def is_plot(name: str) -> bool:
+    """Whether a file name is one of the report's plots (removed when a later evaluation lacks it)."""
+    return bool(_PLOT.fullmatch(name))
 
 
 def _slug(text: str) -> str:

@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cxrgen.config import RunConfig, split_ref
+from cxrgen.config import RunConfig, is_url, split_ref
 from cxrgen.manifests.tokens import MAX_TOKENS, load_counter
 from cxrgen.manifests.workitems import load_plan
 from cxrgen.pins import DEFAULT_MODEL
@@ -109,10 +109,11 @@ def plan_run(config: RunConfig) -> PlanReport:
             by_prompt[row.prompt].append(row.number)
     duplicates = [(p, rows) for p, rows in by_prompt.items() if len(rows) > 1]
     out = Path(config.out)
-    state = "holds a run: generate resumes it if the settings match" if (out / "run.json").is_file() else \
+    state = "object-store prefix: plan does not contact the store; generate checks it" if is_url(config.out) else \
+        "holds a run: generate resumes it if the settings match" if (out / "run.json").is_file() else \
         "exists and is not empty: generate refuses it" if out.is_dir() and any(out.iterdir()) else "new folder"
     return PlanReport(
-        manifest=manifest.path, out=str(out), rows=len(manifest.rows),
+        manifest=manifest.path, out=config.out if is_url(config.out) else str(out), rows=len(manifest.rows),
         empty_rows=sum(1 for r in manifest.rows if not images[r.number]), images=len(plan),
         distinct_prompts=len(by_prompt), tokenizer=counter.source,
         longest=max((counts[p] for p in by_prompt), default=0), truncated=truncated,

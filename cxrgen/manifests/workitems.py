@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from cxrgen.errors import InputError
 from cxrgen.manifests.reader import Manifest, Row, read_manifest
@@ -78,14 +78,22 @@ def image_file_name(index: int, image_id: str, image_format: str, file_names: st
 def make_plan(rows: tuple[Row, ...], *, seed: int, num_images: int, guidance_scale: float,
               negative_prompt: str, image_format: str, file_names: str = "index") -> list[WorkItem]:
     """One WorkItem per (row, sample index), in manifest order; independent of batch size and devices."""
-    items: list[WorkItem] = []
+    items = list(iter_plan(rows, seed=seed, num_images=num_images, guidance_scale=guidance_scale,
+                           negative_prompt=negative_prompt, image_format=image_format, file_names=file_names))
+    _check_unique(items)
+    return items
+
+
+def iter_plan(rows: tuple[Row, ...], *, seed: int, num_images: int, guidance_scale: float,
+              negative_prompt: str, image_format: str, file_names: str = "index") -> Iterator[WorkItem]:
+    """make_plan's items one at a time, unchecked: a merge of ten million images never holds them all."""
+    index = 0
     for row in rows:
         slug = row_slug(row)
         count = num_images if row.num_images is None else row.num_images
         for k in range(count):
-            index = len(items)
             image_id = f"{slug}_{k:04d}"
-            items.append(WorkItem(
+            yield WorkItem(
                 index=index,
                 image_id=image_id,
                 file_name=image_file_name(index, image_id, image_format, file_names),
@@ -96,9 +104,8 @@ def make_plan(rows: tuple[Row, ...], *, seed: int, num_images: int, guidance_sca
                 prompt=row.prompt,
                 negative_prompt=negative_prompt if row.negative_prompt is None else row.negative_prompt,
                 guidance_scale=guidance_scale if row.guidance_scale is None else row.guidance_scale,
-            ))
-    _check_unique(items)
-    return items
+            )
+            index += 1
 
 
 def _check_unique(items: list[WorkItem]) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin, features
 
+from cxrgen.config import is_url
 from cxrgen.errors import InputError, RunError
 from cxrgen.files import (
     atomic_write,
@@ -75,6 +76,10 @@ class PreviewResult:
 def build_preview(out: Path | str, *, thumb_size: int = 128, per_sheet: int = 100, columns: int = 10,
                   workers: int = 0) -> PreviewResult:
     """Write OUT/preview/: thumbnails, one contact sheet per prompt (split past per_sheet) and index.html."""
+    if is_url(str(out)):
+        # the gallery is a folder of files opened from the file system: it is built beside a local copy
+        raise InputError(f"cxrgen preview works on a local folder, and {out} is a URL; copy the run first (e.g. "
+                         f"`aws s3 sync {out} ./run`), then run `cxrgen preview ./run`")
     out = local_path(out, "OUT")
     _check_options(thumb_size, per_sheet, columns)
     # 1. the run's table (finished runs only) and, when `cxrgen evaluate` has run, its verdicts

@@ -17,6 +17,8 @@ from cxrgen.files import atomic_write
 from cxrgen.markdown import md_code, md_text
 from cxrgen.runs.journal import METADATA_SCHEMA
 from cxrgen.runs.verify_stats import card_section, verification_stats
+from cxrgen.storage.base import METADATA, RUN_JSON, Store
+from cxrgen.storage.open import open_store
 
 CARD = "README.md"
 _TOP_VALUES = 20  # label values listed per column; the rest are summed as "other"
@@ -24,11 +26,60 @@ _MONAI_CITATION = ('M. Jorge Cardoso et al. "MONAI: An open-source framework for
                    "2022. https://doi.org/10.48550/arXiv.2211.02701 (software: https://doi.org/10.5281/zenodo.4323058)")
 
 
-def write_run_card(out: Path) -> Path:
-    """Write OUT/README.md from OUT/metadata.parquet and OUT/run.json (a run merged before the card existed)."""
-    out = Path(out)
-    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
-    return write_card(out, pq.read_table(out / "metadata.parquet"), run, verification=verification_stats(out, run))
+class Facts:
+    """What the card says about a metadata table, gathered row group by row group: memory stays bounded (8 bytes
+    per row for the distinct-prompt count) however big the table is."""
+
+    def __init__(self, column_names: list[str]):
+        self.column_names = list(column_names)
+        self.rows, self.manifest_rows, self._last_row = 0, 0, None
+        self.first: dict = {}
+        self.labels: dict[str, dict] = {name: {} for name in label_columns(self.column_names)}
+        self.guidance: set = set()
+        self.device_types: set = set()
+        self._prompts: list = []
+
+    @classmethod
+    def of(cls, table: pa.Table) -> "Facts":
+        facts = cls(table.column_names)
+        facts.add(table)
+        return facts
+
+    def add(self, table: pa.Table) -> None:
+        """Count one row group (rows in plan order: a manifest row's images are consecutive)."""
+        import numpy as np
+
+        if not self.rows and table.num_rows:
+            self.first = table.slice(0, 1).to_pylist()[0]
+        self.rows += table.num_rows
+        for row in table.column("manifest_row").to_pylist():
+            self.manifest_rows += row != self._last_row
+            self._last_row = row
+        self._prompts.append(np.unique(np.array([hash(p) for p in table.column("prompt").to_pylist()], np.int64)))
+        self.guidance.update(table.column("guidance_scale").unique().to_pylist())
+        self.device_types.update(table.column("device_type").unique().to_pylist())
+        for name, tally in self.labels.items():
+            for value, count in value_counts(table.column(name)):
+                key = "nan" if isinstance(value, float) and value != value else (type(value).__name__, value)
+                tally[key] = (value, tally.get(key, (value, 0))[1] + count)
+
+    @property
+    def prompts(self) -> int:
+        import numpy as np
+
+        return len(np.unique(np.concatenate(self._prompts))) if self._prompts else 0
+
+
+def write_run_card(out: Store | Path) -> None:
+    """Write OUT/README.md from OUT/metadata.parquet and OUT/run.json (a folder or an object-store prefix)."""
+    store = open_store(out)
+    run = json.loads(store.read_bytes(RUN_JSON).decode("utf-8"))
+    with store.open_input(METADATA) as handle:
+        table = pq.ParquetFile(handle)
+        facts = Facts(table.schema_arrow.names)
+        for group in range(table.num_row_groups):
+            facts.add(table.read_row_group(group))
+    store.write_bytes(CARD, card_text(facts, run, verification=verification_stats(store, run)).encode("utf-8"))
 
 
 def write_card(folder: Path, table: pa.Table, run: dict, note: str = "", verification: dict | None = None,
@@ -39,11 +90,11 @@ def write_card(folder: Path, table: pa.Table, run: dict, note: str = "", verific
     metadata.parquet and images/.
     """
     path = Path(folder) / CARD
-    atomic_write(path, card_text(table, run, note, verification, shards).encode("utf-8"))
+    atomic_write(path, card_text(Facts.of(table), run, note, verification, shards).encode("utf-8"))
     return path
 
 
-def card_text(table: pa.Table, run: dict, note: str = "", verification: dict | None = None,
+def card_text(table: pa.Table | Facts, run: dict, note: str = "", verification: dict | None = None,
               shards: list[str] | None = None) -> str:
     """The card's Markdown: front matter, counts, labels, (--verify's figures), settings, model and terms, loading,
     citation.
@@ -51,18 +102,20 @@ def card_text(table: pa.Table, run: dict, note: str = "", verification: dict | N
     Every string that comes from the manifest, the run or the bundle is escaped (cxrgen.markdown): the Hub
     renders the card, HTML included.
     """
+    facts = table if isinstance(table, Facts) else Facts.of(table)
     image_format = run["config"]["image_format"]
     bundle = _bundle_facts(run)
     demo = run.get("resolved", {}).get("demo") is True
-    parts = [front_matter(image_format, shards, demo), _intro(table, run, note, shards), _labels(table),
-             *([card_section(verification)] if verification is not None else []), _settings(table, run),
-             _model(table, bundle), _loading(shards), _provenance(image_format), _citation(bundle)]
+    parts = [front_matter(image_format, shards, demo), _intro(facts, run, note, shards), _labels(facts),
+             *([card_section(verification)] if verification is not None else []), _settings(facts, run),
+             _model(facts, bundle), _loading(shards), _provenance(image_format), _citation(bundle)]
     return "\n".join(parts)
 
 
-def label_columns(table: pa.Table) -> list[str]:
+def label_columns(table: pa.Table | list[str]) -> list[str]:
     """The manifest's label columns of a metadata table (everything cxrgen does not write itself)."""
-    return [name for name in table.column_names if name not in METADATA_SCHEMA.names]
+    names = table if isinstance(table, list) else table.column_names
+    return [name for name in names if name not in METADATA_SCHEMA.names]
 
 
 def front_matter(image_format: str, shards: list[str] | None = None, demo: bool = False) -> str:
@@ -76,10 +129,8 @@ def front_matter(image_format: str, shards: list[str] | None = None, demo: bool 
             f"  - split: train\n    path:\n{files}---\n")
 
 
-def _intro(table: pa.Table, run: dict, note: str, shards: list[str] | None = None) -> str:
-    rows = table.num_rows
-    prompts = len(set(table.column("prompt").to_pylist()))
-    manifest_rows = len(set(table.column("manifest_row").to_pylist()))
+def _intro(facts: Facts, run: dict, note: str, shards: list[str] | None = None) -> str:
+    rows, prompts, manifest_rows = facts.rows, facts.prompts, facts.manifest_rows
     resolved = run.get("resolved", {})
     lines = ["# Synthetic chest X-ray dataset", "",
              "> **Every image here is synthetic**: made by a diffusion model from a text prompt, not taken from a "
@@ -93,7 +144,7 @@ def _intro(table: pa.Table, run: dict, note: str, shards: list[str] | None = Non
     if note:
         lines += [note, ""]  # the caller's own Markdown, its data already escaped
     where = f"in {len(shards or [])} WebDataset shard(s) `train-NNNNNN.tar`" if shards else "under `images/`"
-    columns = ", ".join(md_code(c) for c in table.column_names)
+    columns = ", ".join(md_code(c) for c in facts.column_names)
     table_line = (f"- each sample's `<key>.json`: its metadata row; columns {columns}" if shards
                   else f"- `metadata.parquet`: one row per image in plan order; columns {columns}")
     lines += ["## Contents", "",
@@ -108,14 +159,14 @@ def _intro(table: pa.Table, run: dict, note: str, shards: list[str] | None = Non
     return "\n".join(lines)
 
 
-def _labels(table: pa.Table) -> str:
-    columns = label_columns(table)
+def _labels(facts: Facts) -> str:
+    columns = list(facts.labels)
     lines = ["## Labels", ""]
     if not columns:
         return "\n".join(lines + ["The manifest had no label columns.", ""])
     lines += [f"Label columns (from the manifest, one value per image): {', '.join(md_code(c) for c in columns)}.", ""]
     for name in columns:
-        counts = value_counts(table.column(name))
+        counts = sorted(facts.labels[name].values(), key=lambda c: (-c[1], str(c[0])))
         shown = ", ".join(f"{md_text(_value(value))}: {count}" for value, count in counts[:_TOP_VALUES])
         rest = sum(count for _, count in counts[_TOP_VALUES:])
         lines.append(f"- {md_code(name)}: {shown}" + (f", other ({len(counts) - _TOP_VALUES} values): {rest}"
@@ -147,9 +198,9 @@ def _nested(kind: pa.DataType) -> bool:
     return pa.types.is_nested(kind) or pa.types.is_union(kind)
 
 
-def _settings(table: pa.Table, run: dict) -> str:
+def _settings(facts: Facts, run: dict) -> str:
     config, settings = run["config"], run["settings"]
-    guidance = sorted(set(table.column("guidance_scale").to_pylist()))
+    guidance = sorted(facts.guidance)
     lines = ["## Settings", "", "| setting | value |", "|---|---|"]
     shown = [("manifest", f"{config['manifest']} (sha256 {settings.get('manifest_sha256', '?')})"),
              ("images per row (default)", config["num_images"]), ("base seed", config["seed"]),
@@ -157,7 +208,7 @@ def _settings(table: pa.Table, run: dict) -> str:
              ("steps", config["steps"]), ("scheduler", config["scheduler"]), ("dtype", settings.get("dtype")),
              ("image format", config["image_format"]), ("JPEG quality", config["jpeg_quality"]),
              ("text encoder", f"{config['text_encoder']} ({settings.get('text_encoder_fingerprint')})"),
-             ("device types", ", ".join(sorted(set(table.column("device_type").to_pylist()))))]
+             ("device types", ", ".join(sorted(facts.device_types)))]
     lines += [f"| {name} | {_cell(value)} |" for name, value in shown]
     lines += ["", "Every image's own seed, prompt, guidance scale and row are in `metadata.parquet`; the full run "
               "settings are in `run.json` of the run folder. `cxrgen reproduce OUT IMAGE_ID` remakes one image.", ""]
@@ -186,8 +237,8 @@ def _bundle_facts(run: dict) -> dict:
     return facts
 
 
-def _model(table: pa.Table, bundle: dict) -> str:
-    first = table.slice(0, 1).to_pylist()[0] if table.num_rows else {}
+def _model(facts: Facts, bundle: dict) -> str:
+    first = facts.first
     lines = ["## Model, licence and terms", "",
              f"- model: {md_text(first.get('model_name', '?'))} version {md_text(first.get('model_version', '?'))} "
              f"(MONAI bundle folder {md_code(bundle.get('_folder', '?'))}; cxrgen's default is the model-zoo bundle "

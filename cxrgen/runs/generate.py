@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import json
 import os
 import signal
 import sys
@@ -23,24 +25,16 @@ from cxrgen.config import (
     with_absolute_paths,
 )
 from cxrgen.errors import CxrgenError, InputError
-from cxrgen.files import STATE_DIR, TMP_MARK, local_path, resume_command, write_json
+from cxrgen.files import STATE_DIR, TMP_MARK, resume_command
 from cxrgen.hub.info import offline_problem
-from cxrgen.manifests.reader import Manifest
-from cxrgen.manifests.workitems import load_plan
+from cxrgen.manifests.reader import Manifest, read_manifest
+from cxrgen.manifests.workitems import iter_plan, load_plan
 from cxrgen.model.bundle import BundleSource, load_bundle, read_spec, resolve_model
 from cxrgen.model.devices import CPU_BATCH, MAX_AUTO_BATCH, resolve_device, use_device
 from cxrgen.model.engine import Engine, EngineOptions, check_widths
 from cxrgen.model.precision import run_dtypes
 from cxrgen.model.text_encoder import load_text_encoder
 from cxrgen.runs.journal import Journal, read_records
-from cxrgen.runs.lock import (
-    FolderLock,
-    InitLock,
-    RankLock,
-    held_rank_locks,
-    holder_name,
-    unlocked_warning,
-)
 from cxrgen.runs.loop import BatchLoop, SignalGuard, batches_of, sized_batches
 from cxrgen.runs.progress import DEMO_WARNING, Progress, prefix, summary
 from cxrgen.runs.ray_engine import RayCluster
@@ -59,6 +53,9 @@ from cxrgen.runs.workers import (
     rank_share,
     run_local_workers,
 )
+from cxrgen.storage.base import RUN_JSON, WHOLE, Store
+from cxrgen.storage.locks import holder_name, unlocked_warning
+from cxrgen.storage.open import open_store
 
 Log = Callable[[str], None]
 
@@ -66,13 +63,13 @@ Log = Callable[[str], None]
 class RunResult:
     """What one generate/resume call did."""
 
-    out: Path
+    out: Path | str  # the folder, or the object store's URL
     planned: int
     already_done: int
     written: int
     seconds: float
     resumed: bool
-    metadata: Path | None  # metadata.parquet once every planned image exists
+    metadata: Path | str | None  # metadata.parquet once every planned image exists
     remaining: int = 0  # planned images not yet done when this call returned (other ranks' work, say)
     share_complete: bool = True  # every image of this process's scope (its shard, else the plan) is done
 
@@ -97,18 +94,19 @@ def _pixel_settings(config: RunConfig, manifest: Manifest, plan: list, dtype: st
     return settings
 
 
-def _check_out_folder(out: Path) -> dict | None:
-    """The saved run.json of OUT, None for a new or empty folder; refuse any other folder."""
+def _check_out_folder(out: Store) -> dict | None:
+    """The saved run.json of OUT, None for a new or empty folder or prefix; refuse anything else."""
     if not out.exists():
         return None
-    if not out.is_dir():
+    if out.local is not None and not out.local.is_dir():
         raise InputError(f"--out {out} is a file; choose a folder")
     saved = read_run_json(out)
     # Another rank of the same launch may have made .cxrgen/ before writing run.json, or a run killed
     # while writing run.json left its temporary file: both are a run that never started. (images/ is
     # only made after run.json exists, so a folder with images/ but no run.json is someone else's.)
-    if saved is None and any(p.name != STATE_DIR and TMP_MARK not in p.name for p in out.iterdir()):
-        raise InputError(f"--out {out} is not empty and holds no cxrgen run; choose a new or empty folder")
+    if saved is None and any(name != STATE_DIR and TMP_MARK not in name for name in out.entries()):
+        where = "folder" if out.local is not None else "prefix"
+        raise InputError(f"--out {out} is not empty and holds no cxrgen run; choose a new or empty {where}")
     return saved
 
 
@@ -123,12 +121,17 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
     started = time.monotonic()
     # 1. validate input and output before loading anything heavy or writing anything
     config = with_absolute_paths(config)
-    out, state = Path(config.out), Path(config.out) / STATE_DIR
+    out = open_store(config.out)
     saved = _check_out_folder(out)
     if saved is not None and "file_names" not in saved["config"]:
         config = dataclasses.replace(config, file_names=LEGACY_DEFAULTS["file_names"])  # made by an earlier cxrgen
     manifest, plan = load_plan(config)
-    FolderLock(state, shared=rank is not None).check_free()  # refuse a second writer before loading
+    out.check_free(shared=rank is not None)  # refuse a second writer before loading
+    out.check_writable()
+    if out.local is None and (config.verify_labels or config.engine == "ray"):
+        what = "--verify" if config.verify_labels else "--engine ray"
+        raise InputError(f"{what} writes into a local or shared folder only, not into {out} yet: give a folder as "
+                         f"--out, then copy the finished run into the bucket (aws s3 sync OUT {out})")
     with contextlib.ExitStack() as held:
         # --engine ray: join the cluster first, so a missing extra or a wrong address is told in seconds
         if config.engine == "ray" and config.verify_labels:
@@ -157,8 +160,7 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
                 raise problem
         rank_lock = None
         if rank is not None:  # claimed before loading, so a duplicate rank is refused at once and others see it
-            with InitLock(state):
-                rank_lock = RankLock(state, rank.rank, rank.world_size, rank.scope).acquire()
+            rank_lock = out.claim_share(rank.rank, rank.world_size, rank.scope)
             held.callback(rank_lock.release)
         # 2. models: loaded here once to check them (and to sample, when this process is the only worker)
         bundle_root = resolve_model(config.model, config.cache_dir or str(Path.home() / ".cache" / "cxrgen"),
@@ -172,27 +174,31 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
         settings = _pixel_settings(config, manifest, plan, dtype, bundle.md5, text.fingerprint, verification)
         # 3. claim the folder (ranks share it); record the run, or compare with the recorded one again:
         # another run may have started in this folder while the models loaded
-        folder_lock = held.enter_context(FolderLock(state, shared=rank is not None))
+        folder_lock = held.enter_context(out.claim_folder(shared=rank is not None))
         if folder_lock.unsupported:
-            log(unlocked_warning(out))
-        with InitLock(state):
+            log(unlocked_warning(out.local))
+        with out.init_lock():
             if rank is not None:
                 folder_lock.clear_holder()
             recorded = read_run_json(out)
-            if recorded is None:
-                write_json(out / "run.json", run_record(config, manifest, settings, bundle, devices, rank,
-                                                       verification.describe(plan) if verification else None))
-            else:
+            # created only if absent: of two launches starting together, exactly one records its settings
+            if recorded is None and not out.create_json(RUN_JSON, run_record(
+                    config, manifest, settings, bundle, devices, rank,
+                    verification.describe(plan) if verification else None)):
+                recorded = read_run_json(out)
+            if recorded is not None:
                 _refuse_changed(out, recorded, settings)
                 _check_split(recorded, rank)
                 if rank is not None and rank.shard is not None and recorded.get("shards") is None:
-                    write_json(out / "run.json", {**recorded, "shards": rank.split})  # a run started unsharded
+                    # a run started unsharded; shards racing here write the same split
+                    out.write_bytes(RUN_JSON, (json.dumps({**recorded, "shards": rank.split}, indent=2) + "\n")
+                                    .encode("utf-8"))
         # a rank checks only its own share: 64 ranks must not each read the whole dataset
         mine = rank_share(plan, rank) if rank else plan
-        done = done_items(out, mine, verify=config.verify)
+        done = done_items(out, mine, verify=config.verify, share=_share(rank))
         todo = [i for i in mine if i.image_id not in done]
         if verification is not None:  # attempts instead of images; verdicts journaled by a killed run settle now
-            todo, settled = plan_work(out, todo, verification, _worker_name(rank, 0))
+            todo, settled = plan_work(out.local, todo, verification, _worker_name(rank, 0))
             done |= settled
         # remaking lost or damaged images of a merged run: the merged rows describe their older records
         remakes = bool(todo) and metadata_rows(out) == len(plan)
@@ -217,8 +223,7 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
         elif sole:
             engine = make_engine(config, bundle, text, devices[0], sample_dtype)
             batches = batches_of(todo, fixed) if fixed else sized_batches(todo, lambda: engine.batch_size)
-            results = [_sample_here(engine, config, batches, _worker_name(rank, 0), engine_hook, progress,
-                                    verification)]
+            results = [_sample_here(engine, out, config, batches, rank, engine_hook, progress, verification)]
         else:
             del bundle, text  # each worker loads its own copy on its device
             threads = cpu_threads_per_worker(devices, torch.get_num_threads())
@@ -229,7 +234,8 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
             worker_config = dataclasses.replace(config, verifier_weights=verification.weights) \
                 if verification is not None else config
             results = run_local_workers(worker_main, lambda i, d: (worker_config, str(bundle_root), d, sample_dtype,
-                                                                   f"w{i}", engine_hook, threads, gather),
+                                                                   f"w{i}", engine_hook, threads, gather,
+                                                                   _share(rank)),
                                         devices, list(batches_of(todo, fixed or CHUNK)), progress.update, out,
                                         ahead=2 if fixed else 2 * MAX_AUTO_BATCH // CHUNK)
         progress.close()
@@ -249,17 +255,17 @@ def generate(config: RunConfig, *, bundle_source: BundleSource | None = None, lo
     if not config.quiet:
         summary(rank, results, written, seconds, out, plan, metadata, len(missing), share_missing, log)
         if verification is not None:
-            for line in stats_lines(verification_stats(out, read_run_json(out))):
+            for line in stats_lines(verification_stats(out.local, read_run_json(out))):
                 log(f"{prefix(rank)}{line}")
-    return RunResult(out, len(plan), len(done), written, seconds, saved is not None, metadata, len(missing),
-                     share_missing == 0)
+    return RunResult(out.local if out.local is not None else out.url, len(plan), len(done), written, seconds,
+                     saved is not None, metadata, len(missing), share_missing == 0)
 
 
 _RANK_POLL_S = 2.0
 
 
-def wait_for_other_ranks(out: Path, plan: list, manifest: Manifest, rank: Rank, not_before: float,
-                         log: Log | None) -> Path | None:
+def wait_for_other_ranks(out: Store, plan: list, manifest: Manifest, rank: Rank, not_before: float,
+                         log: Log | None) -> Path | str | None:
     """Wait until the run is complete (merging it if this rank is last), or until this rank's launch is done.
 
     A launch is the ranks of one torchrun/srun start, or of one array-job shard (shards do not wait for
@@ -267,7 +273,6 @@ def wait_for_other_ranks(out: Path, plan: list, manifest: Manifest, rank: Rank, 
     "none running" is trusted only after `not_before` (monotonic seconds). Returns metadata.parquet's
     path, or None when the rest of the run is left to other shards or to a resume.
     """
-    state = out / STATE_DIR
     scope_ids = {item.image_id for item in plan if rank.in_scope(item.index)}
     told, poll = False, _RANK_POLL_S
     while True:
@@ -277,9 +282,7 @@ def wait_for_other_ranks(out: Path, plan: list, manifest: Manifest, rank: Rank, 
             return metadata
         if rank.shard is not None and scope_ids <= read_records(out, ("file_name",)).keys():
             return None  # this shard is complete; the other shards finish the run
-        with InitLock(state):
-            running = {r for r, fields in held_rank_locks(state).items()
-                       if r != rank.rank and fields.get("share") != "done" and fields.get("scope") == rank.scope}
+        running = out.running_ranks(rank.scope, rank.rank)
         if not running and time.monotonic() >= not_before:
             return None
         if log is not None and not told:
@@ -289,12 +292,14 @@ def wait_for_other_ranks(out: Path, plan: list, manifest: Manifest, rank: Rank, 
         time.sleep(max(poll, 2 * (time.monotonic() - checked)))
 
 
-def _sample_here(engine: Engine, config: RunConfig, batches: list, name: str, engine_hook, progress,
-                 verification=None) -> WorkerResult:
-    """Sample every batch in this process (one device, or one rank of a launcher)."""
+def _sample_here(engine: Engine, out: Store, config: RunConfig, batches: list, rank: Rank | None, engine_hook,
+                 progress, verification=None) -> WorkerResult:
+    """Sample every batch in this process (one device, or one rank of a launcher) into `out`, the store whose
+    claim this process holds (an object store's record writes stop once another process took the claim over)."""
+    name = _worker_name(rank, 0)
     engine = engine_hook(engine, name) if engine_hook else engine
-    result = sample_batches(engine, Path(config.out), iter(batches), config, name, progress.update,
-                            verification=verification)
+    result = sample_batches(engine, out, iter(batches), config, name, progress.update, verification=verification,
+                            share=_share(rank))
     if config.compile and not config.quiet and engine.first_batch_seconds is not None:
         progress.log(f"{progress.prefix}torch.compile: the first batch took {engine.first_batch_seconds:.1f} s "
                      "including compilation (not counted apart in images/s)")
@@ -366,13 +371,17 @@ def _check_split(saved: dict, rank: Rank | None) -> None:
                      f"(I from 0 to {int(recorded['count']) - 1}) so the split stays the same")
 
 
+def _share(rank: Rank | None) -> tuple[int, int]:
+    return (rank.rank, rank.world_size) if rank else WHOLE
+
+
 def _worker_name(rank: Rank | None, index: int) -> str:
     return rank.name if rank else ("main" if index == 0 else f"w{index}")
 
 
-def sample_batches(engine: Engine, out: Path, batches, config: RunConfig, name: str,
+def sample_batches(engine: Engine, out: Store | Path | str, batches, config: RunConfig, name: str,
                    on_done: Callable[[int], None], stop_check: Callable[[], bool] | None = None,
-                   verification=None) -> WorkerResult:
+                   verification=None, share: tuple[int, int] = WHOLE) -> WorkerResult:
     """Run the batch loop of one worker, journaling into its own part file.
 
     verification: the run's checked --verify settings (a worker process rebuilds them from the config and
@@ -390,7 +399,8 @@ def sample_batches(engine: Engine, out: Path, batches, config: RunConfig, name: 
     }
     token_info = lambda prompt: dataclasses.asdict(engine.text.token_info(prompt))  # noqa: E731
     started = time.perf_counter()
-    journal = Journal(out, name)
+    out = open_store(out)
+    journal = Journal(out, name, share)
     if config.verify_labels:
         from cxrgen.runs.verify_loop import verifying_loop
 
@@ -406,7 +416,7 @@ def sample_batches(engine: Engine, out: Path, batches, config: RunConfig, name: 
 
 
 def worker_main(config: RunConfig, bundle_root: str, device: str, dtype: str, name: str, engine_hook,
-                threads: int, gather: int, tasks, events) -> None:
+                threads: int, gather: int, share: tuple[int, int], tasks, events) -> None:
     """Entry point of a local worker process: load models once, then take batches until the queue ends.
 
     gather > 0: the queue holds chunks, and each batch gathers them up to this worker's own batch size
@@ -429,8 +439,8 @@ def worker_main(config: RunConfig, bundle_root: str, device: str, dtype: str, na
         engine = load_engine(config, bundle_root, device, dtype)
         engine = engine_hook(engine, name) if engine_hook else engine
         size = (lambda: max(1, min(engine.batch_size, gather))) if gather else None
-        result = sample_batches(engine, Path(config.out), next_batch(tasks, stopping, size), config, name,
-                                on_done=lambda n: events.put(("done", name, n)), stop_check=stopping)
+        result = sample_batches(engine, config.out, next_batch(tasks, stopping, size), config, name,
+                                on_done=lambda n: events.put(("done", name, n)), stop_check=stopping, share=share)
         events.put(("finished", name, result.images, result.seconds))
     except CxrgenError as exc:
         events.put(("error", name, str(exc), exc.exit_code))
@@ -446,27 +456,35 @@ def worker_main(config: RunConfig, bundle_root: str, device: str, dtype: str, na
 def resume(out: str | Path, *, bundle_source: BundleSource | None = None, log: Log = _stderr,
            rank: Rank | None = None, engine_hook: Callable | None = None, **overrides) -> RunResult:
     """Finish the run saved in OUT; overrides may change only settings that do not change pixels."""
-    out = local_path(out, "OUT")
-    saved = read_run_json(out)
+    store = open_store(out)
+    saved = read_run_json(store)
     if saved is None:
-        raise InputError(f"{out} holds no cxrgen run (no run.json); check the folder, or if a `cxrgen generate` "
+        raise InputError(f"{store} holds no cxrgen run (no run.json); check the location, or if a `cxrgen generate` "
                          "into it was stopped before it started, run that same command again")
     bad = sorted(set(overrides) & (set(PIXEL_FIELDS) | set(VERIFY_FIELDS)) |
                  {k for k in overrides if k in ("manifest", "out")})
     if bad:
         raise InputError(f"resume cannot change {', '.join(bad)}: they change the images; start a new run instead")
-    data = dict(saved["config"], **{k: v for k, v in overrides.items() if v is not None}, out=str(out.resolve()))
+    where = store.url if store.local is None else str(store.local.resolve())
+    data = dict(saved["config"], **{k: v for k, v in overrides.items() if v is not None}, out=where)
     return generate(RunConfig.from_dict(data), bundle_source=bundle_source, log=log, rank=rank,
                     engine_hook=engine_hook)
 
 
-def finalize_run(out: str | Path) -> Path | None:
-    """Merge the records of a run whose images are all done (e.g. after a rank died before merging)."""
-    out = local_path(out, "OUT")
+def finalize_run(out: str | Path) -> Path | str | None:
+    """Merge the records of a run whose images are all done (e.g. after a rank died before merging).
+
+    The plan is walked, never held: merging ten million images needs memory for a row group, not for the run.
+    """
+    out = open_store(out)
     saved = read_run_json(out)
     if saved is None:
         raise InputError(f"{out} is not a cxrgen run (no run.json)")
-    manifest, plan = load_plan(RunConfig.from_dict(saved["config"]))
+    config = RunConfig.from_dict(saved["config"])
+    manifest = read_manifest(config.manifest, config.manifest_format, config.prompt_column, config.allow_empty_prompt)
     if manifest.sha256 != saved["settings"]["manifest_sha256"]:
         raise InputError(f"manifest {manifest.path} changed since the run started; restore it to finalize")
-    return finalize_once(out, plan, manifest)
+    items = functools.partial(iter_plan, manifest.rows, seed=config.seed, num_images=config.num_images,
+                              guidance_scale=config.guidance_scale, negative_prompt=config.negative_prompt,
+                              image_format=config.image_format, file_names=config.file_names)
+    return finalize_once(out, items, manifest, int(saved["settings"]["planned_images"]))

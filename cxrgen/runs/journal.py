@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import io
 import json
-import os
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cxrgen.files import STATE_DIR, atomic_write, io_error
+from cxrgen.storage.base import METADATA, RECORDS_DIR, WHOLE, RecordPart, Store  # noqa: F401 - RECORDS_DIR: readers name it here
+from cxrgen.storage.open import open_store
 
 # `cxrgen evaluate`'s folder. Not "evaluation": datasets' imagefolder reads eval/evaluation/test/val/train in
 # any path as a split name, and would then load the plots instead of the images.
 EVAL_DIR = "quality"
-RECORDS_DIR = f"{STATE_DIR}/records"
 
 # Fixed column types, so an empty run and a resumed run write the same schema.
 METADATA_SCHEMA = pa.schema([
@@ -34,79 +34,44 @@ METADATA_SCHEMA = pa.schema([
 
 
 class Journal:
-    """Append-only JSON-lines file of finished images, one per writer process; fsynced per batch.
+    """One writer's records of finished images: a part file appended and fsynced per batch in a local folder,
+    one immutable object per batch in an object store (storage.base.RecordWriter).
 
     folder: another journal of the run in the same format (the attempts journal of --verify).
     """
 
-    def __init__(self, out: Path, writer: str, folder: str = RECORDS_DIR):
-        self.path = out / folder / f"part-{writer}.jsonl"
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Unbuffered: a failed write must not leave bytes in a buffer that a later flush or close writes.
-            self._handle = open(self.path, "ab", buffering=0)
-            torn = self._size() > 0 and _last_byte(self.path) != b"\n"
-        except OSError as exc:  # full disk (no inode left), I/O error, read-only folder: one line, not a traceback
-            raise io_error(self.path, exc) from None
-        if torn:
-            # A kill tore the last line: end it so the next record starts on a line of its own.
-            self._write(b"\n")
+    def __init__(self, out: Store | Path | str, writer: str, share: tuple[int, int] = WHOLE,
+                 folder: str = RECORDS_DIR):
+        self._writer = open_store(out).record_writer(writer, share, folder)
+        self.path = self._writer.path  # the local part file (None in an object store)
 
     def append(self, records: list[dict]) -> None:
         """Record images whose files are already in place, durably."""
         if records:
-            self._write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
-
-    def _write(self, data: bytes) -> None:
-        """Write and fsync all of data, or raise RunError leaving the file as it was (best effort)."""
-        start = None
-        try:
-            start = self._size()
-            view = memoryview(data)
-            while view:
-                view = view[self._handle.write(view):]
-            os.fsync(self._handle.fileno())
-        except OSError as exc:
-            if start is not None:
-                # Cut the half-written line: no partial record may survive a full disk (resume redoes them).
-                _truncate_quietly(self._handle.fileno(), start)
-            raise io_error(self.path, exc) from None
-
-    def _size(self) -> int:
-        return os.fstat(self._handle.fileno()).st_size
+            self._writer.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
 
     def close(self) -> None:
-        """Close the file; records already appended stay."""
-        self._handle.close()
+        """Close the writer; records already appended stay."""
+        self._writer.close()
 
 
-def _truncate_quietly(fd: int, size: int) -> None:
-    try:
-        os.ftruncate(fd, size)
-    except OSError:
-        pass  # then read_records skips the torn line and __init__ ends it on the next open
-
-
-def _last_byte(path: Path) -> bytes:
-    with open(path, "rb") as handle:
-        handle.seek(-1, os.SEEK_END)
-        return handle.read(1)
-
-
-def read_records(out: Path, fields: tuple[str, ...] | None = None) -> dict[str, dict]:
-    """Every recorded image by image_id, its latest record (see `latest_positions`); a torn last line is skipped.
+def read_records(out: Store | Path, fields: tuple[str, ...] | None = None,
+                 share: tuple[int, int] | None = None) -> dict[str, dict]:
+    """Every recorded image by image_id, its latest record (`latest_positions`); a torn last line is skipped.
 
     fields: keep only these keys (image_id is always read). Then the journal is parsed by Arrow's
-    multi-threaded JSON reader: a million records in seconds instead of a minute.
+    multi-threaded JSON reader: a million records in seconds instead of a minute. share: only records that
+    may belong to it are needed (an object store then lists only the writers whose shares overlap it).
     """
     keep = tuple(dict.fromkeys(("image_id", *fields))) if fields else None
-    # created_at orders records of different writers (part files); read it even when not asked for
+    # created_at orders records of different writers; read it even when not asked for
     read = tuple(dict.fromkeys((*keep, "created_at"))) if keep else None
     fast = read is not None and all(name in _FIELD_TYPES for name in read)
     schema = pa.schema([(name, _FIELD_TYPES[name]) for name in read]) if fast else None
-    found: list[dict] = []
-    parts: list[int] = []
-    for number, part in enumerate(_journal_parts(out)):
+    records: dict[str, dict] = {}
+    stamps: dict[str, str] = {}
+    clocks: dict[str, str] = {}  # per writer: the latest stamp so far (its later lines are later)
+    for part in open_store(out).record_parts(share):
         table = _arrow_part(part, schema) if fast else None
         if table is not None:
             columns = [table.column(name).to_pylist() for name in read]
@@ -114,46 +79,52 @@ def read_records(out: Path, fields: tuple[str, ...] | None = None) -> dict[str, 
         else:
             rows = (r if read is None else {k: r.get(k) for k in read} for r in _read_part(part))
         for record in rows:
-            found.append(record)
-            parts.append(number)
-    latest = latest_positions([r.get("image_id") for r in found], [r.get("created_at") for r in found], parts)
-    drop = keep is not None and "created_at" not in keep
-    return {image_id: {k: v for k, v in found[at].items() if k != "created_at"} if drop else found[at]
-            for image_id, at in latest.items()}
+            image_id = record.get("image_id")
+            stamp = clocks[part.writer] = max(record.get("created_at") or "", clocks.get(part.writer, ""))
+            if image_id not in stamps or stamp >= stamps[image_id]:
+                records[image_id], stamps[image_id] = record, stamp
+    if keep is not None and "created_at" not in keep:
+        for record in records.values():
+            record.pop("created_at", None)
+    return records
 
 
-def latest_positions(image_ids: list, stamps: list, parts: list[int]) -> dict:
-    """image_id -> position of its latest record among records listed part file by part file, in line order.
+def latest_positions(image_ids: list, stamps: list, writers: list) -> dict:
+    """image_id -> position of its latest record among records listed writer by writer, in write order.
 
-    The latest record of an image describes its file: a resume that remakes a lost or damaged image appends a
-    new record (new size and CRC-32, possibly other bytes through float rounding), so verify, resume and the
-    merge all read the last one. Within one writer's journal that is the later line; between journals of
-    different writers (workers, ranks, shards, a later resume) the later `created_at` (ISO 8601 UTC, so the
-    text sorts in time order), a tie going to the later part file.
+    The latest record of an image describes its file: a resume that remakes a lost or damaged image (or a Ray
+    actor that retried a batch) records it again (new size and CRC-32, possibly other bytes through float
+    rounding), so verify, resume and the merge all read the last one. Within one writer's journal that is the
+    later line, even if its clock stepped back; between writers (workers, ranks, shards, a later resume) the
+    later `created_at` (ISO 8601 UTC, so the text sorts in time order), each writer's stamps taken as their
+    running maximum, a tie going to the record listed later. `effective_stamps` gives those stamps.
     """
     best: dict = {}
-    for position, (image_id, stamp, part) in enumerate(zip(image_ids, stamps, parts)):
-        stamp = stamp or ""
+    for position, (image_id, stamp) in enumerate(zip(image_ids, effective_stamps(stamps, writers))):
         held = best.get(image_id)
-        if held is None or held[2] == part or stamp >= held[1]:
-            best[image_id] = (position, stamp, part)
+        if held is None or stamp >= held[1]:
+            best[image_id] = (position, stamp)
     return {image_id: held[0] for image_id, held in best.items()}
 
 
-def _journal_parts(out: Path) -> list[Path]:
-    folder = out / RECORDS_DIR
-    return sorted(folder.glob("part-*.jsonl")) if folder.is_dir() else []
+def effective_stamps(stamps: list, writers: list) -> list[str]:
+    """Each record's created_at raised to the latest one its writer recorded before it (a missing one is "")."""
+    clocks: dict = {}
+    result = []
+    for stamp, writer in zip(stamps, writers):
+        clocks[writer] = max(stamp or "", clocks.get(writer, ""))
+        result.append(clocks[writer])
+    return result
 
 
-def _read_part(part: Path):
-    with open(part, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            if not line.endswith("\n"):
-                continue  # torn write: the image is regenerated on resume
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue
+def _read_part(part: RecordPart):
+    for line in io.StringIO(part.read().decode("utf-8", errors="replace"), newline="\n"):
+        if not line.endswith("\n"):
+            continue  # torn write: the image is regenerated on resume
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            continue
 
 
 _FIELD_TYPES = {"image_id": pa.string(), "file_name": pa.string(), "file_bytes": pa.int64(),
@@ -161,11 +132,11 @@ _FIELD_TYPES = {"image_id": pa.string(), "file_name": pa.string(), "file_bytes":
                 "verify_score": pa.float64()}
 
 
-def _arrow_part(part: Path, schema: pa.Schema) -> pa.Table | None:
+def _arrow_part(part: RecordPart, schema: pa.Schema) -> pa.Table | None:
     """The schema's columns of every complete line, or None when a line is damaged (read line by line then)."""
     import pyarrow.json as pj
 
-    data = part.read_bytes()
+    data = part.read()
     data = data[:data.rfind(b"\n") + 1]  # a torn last line has no newline yet
     if not data:
         return schema.empty_table()
@@ -176,21 +147,40 @@ def _arrow_part(part: Path, schema: pa.Schema) -> pa.Table | None:
         return None
 
 
-def read_record_table(out: Path, image_ids: list[str]) -> pa.Table:
+def record_tables(out: Store | Path, schema: pa.Schema):
+    """Every committed record as (writer, Arrow table of `schema`'s columns), a part's piece at a time (bounded
+    memory), each writer's records in write order; a piece with a damaged line is read line by line."""
+    for part in open_store(out).record_parts():
+        for data in part.chunks():
+            piece = _Bytes(data)
+            table = _arrow_part(piece, schema)
+            yield part.writer, (table if table is not None else
+                                pa.Table.from_pylist(list(_read_part(piece)), schema=schema))
+
+
+class _Bytes(RecordPart):
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def read(self) -> bytes:
+        return self.data
+
+
+def read_record_table(out: Store | Path, image_ids: list[str]) -> pa.Table:
     """The metadata columns of the latest record of each of `image_ids`, in that order (`latest_positions`).
 
     Arrow reads the journals (a million records in seconds and a fraction of the memory of Python
     dicts); a journal with a damaged line is read line by line instead. Every id must be recorded.
     """
-    tables, parts = [], []
-    for number, part in enumerate(_journal_parts(out)):
+    tables, writers = [], []
+    for part in open_store(out).record_parts():
         table = _arrow_part(part, METADATA_SCHEMA)
         tables.append(table if table is not None else
                       pa.Table.from_pylist(list(_read_part(part)), schema=METADATA_SCHEMA))
-        parts += [number] * tables[-1].num_rows
+        writers += [part.writer] * tables[-1].num_rows
     table = pa.concat_tables([t.select(METADATA_SCHEMA.names).cast(METADATA_SCHEMA) for t in tables]) \
         if tables else METADATA_SCHEMA.empty_table()
-    latest = latest_positions(table.column("image_id").to_pylist(), table.column("created_at").to_pylist(), parts)
+    latest = latest_positions(table.column("image_id").to_pylist(), table.column("created_at").to_pylist(), writers)
     return table.take(pa.array([latest[i] for i in image_ids], type=pa.int64()))
 
 
@@ -203,13 +193,18 @@ def metadata_table(records: list[dict] | pa.Table, labels: pa.Table, rows: list[
     return table
 
 
-def write_metadata(out: Path, table: pa.Table) -> Path:
-    """Write OUT/metadata.parquet atomically (a table from `metadata_table`)."""
-    buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer)
-    path = out / "metadata.parquet"
-    atomic_write(path, buffer.getvalue().to_pybytes())
-    return path
+def write_metadata(out: Store | Path, table: pa.Table) -> Path | str | None:
+    """metadata.parquet from a `metadata_table` (a local folder: atomically; an object store: committed once);
+    its location, or None when another process committed it first (an object store's merge is decided so)."""
+    store = open_store(out)
+    if store.local is not None:
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer)
+        store.write_bytes(METADATA, buffer.getvalue().to_pybytes())
+        return store.local / METADATA
+    with tempfile.TemporaryDirectory(prefix="cxrgen-merge-") as folder:
+        pq.write_table(table, Path(folder) / METADATA)
+        return store.where(METADATA) if store.commit(METADATA, Path(folder) / METADATA) else None
 
 
 def label_column_names(names: list[str]) -> list[str]:

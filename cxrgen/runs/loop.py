@@ -5,14 +5,14 @@ import signal
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Callable, Iterable
 
 from cxrgen.errors import Interrupted, RunError
-from cxrgen.files import atomic_write, file_check, fsync_dir, resume_command
+from cxrgen.files import file_check, resume_command
 from cxrgen.manifests.workitems import WorkItem
 from cxrgen.provenance import encode_image, provenance_of
 from cxrgen.runs.journal import Journal
+from cxrgen.storage.base import Store
 
 _EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -63,20 +63,21 @@ def make_record(item: WorkItem, common: dict, token_info: dict) -> dict:
 class BatchLoop:
     """Runs batches through an engine; writes overlap with the next batch's sampling."""
 
-    def __init__(self, engine, out: Path, journal: Journal, common: dict, image_format: str,
+    def __init__(self, engine, out: Store, journal: Journal, common: dict, image_format: str,
                  jpeg_quality: int, token_info: Callable[[str], dict], on_done: Callable[[int], None]):
         self.engine, self.out, self.journal, self.common = engine, out, journal, common
         self.image_format, self.jpeg_quality = image_format, jpeg_quality
         self.token_info, self.on_done = token_info, on_done
         self.written = 0
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cxrgen-write")
+        # at most two batches in flight (this one's writes, the next one's sampling): bounded memory
+        self._pool = ThreadPoolExecutor(max_workers=out.write_threads, thread_name_prefix="cxrgen-write")
 
     def _write_one(self, item: WorkItem, pixels, tokens: dict) -> dict:
         record = make_record(item, self.common, tokens)
         data = encode_image(pixels, self.image_format, self.jpeg_quality, provenance_of(record))
-        # The folder's fsync waits for the batch (_drain): one per folder per batch instead of one per image
+        # A local folder's fsync waits for the batch (_drain): one per folder per batch instead of one per image
         # on the loop's critical path (~tens of ms each on NFS or Lustre).
-        atomic_write(self.out / item.file_name, data, sync_folder=False)
+        self.out.write_batch_file(item.file_name, data)
         # Size and checksum of the bytes already in memory: a start-up then needs one stat per image,
         # and `--verify` can tell a damaged file from a good one without trusting the decoder alone.
         return {**record, **file_check(data)}
@@ -95,8 +96,7 @@ class BatchLoop:
             except RunError as exc:
                 error = error or exc
         # The renames are durable before any record names them: a record exists only after its file.
-        for folder in sorted({(self.out / r["file_name"]).parent for r in records}):
-            fsync_dir(folder)
+        self.out.settle([r["file_name"] for r in records])
         self.journal.append(records)
         self.written += len(records)
         self.on_done(len(records))

@@ -1,7 +1,6 @@
 """What a run tells its user: the progress bar (or per-rank lines under a launcher) and the closing summary."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 from tqdm import tqdm
@@ -47,7 +46,7 @@ class Progress:
             self.bar = None
 
 
-def summary(rank, results: list, written: int, seconds: float, out: Path, plan: list, metadata, remaining: int,
+def summary(rank, results: list, written: int, seconds: float, out, plan: list, metadata, remaining: int,
             share_remaining: int, log: Log) -> None:
     """The lines a run ends with: per worker, the whole, and what is left for whom."""
     for r in results if len(results) > 1 or rank else []:
@@ -55,7 +54,7 @@ def summary(rank, results: list, written: int, seconds: float, out: Path, plan: 
         log(f"{prefix(rank)}worker {r.name}: {r.images} image(s) in {r.seconds:.1f} s ({rate:.2f} images/s)")
     rate = written / seconds if seconds > 0 else 0.0
     log(f"{prefix(rank)}wrote {written} image(s) in {seconds:.1f} s ({rate:.2f} images/s); {len(plan)} planned. "
-        f"Images: {out / 'images'}" + (f"  Metadata: {metadata}" if metadata else ""))
+        f"Images: {out.where('images')}" + (f"  Metadata: {metadata}" if metadata else ""))
     if metadata is not None:
         return
     if rank is not None and rank.shard is not None and share_remaining == 0:

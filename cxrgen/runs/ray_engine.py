@@ -31,7 +31,7 @@ from cxrgen.errors import CxrgenError, InputError, Interrupted, RunError, first_
 from cxrgen.files import STATE_DIR, io_error, resume_command
 from cxrgen.model.engine import default_batch_size, dtype_supported, resolve_dtype
 from cxrgen.runs.journal import RECORDS_DIR
-from cxrgen.runs.lock import folder_held_by
+from cxrgen.storage.locks import folder_held_by
 from cxrgen.runs.state import file_ok
 from cxrgen.runs.workers import WorkerResult
 

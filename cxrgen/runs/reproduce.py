@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cxrgen.config import RunConfig
+from cxrgen.config import RunConfig, is_url
 from cxrgen.errors import InputError
 from cxrgen.files import (
     STATE_DIR,
     atomic_write,
     inside,
-    local_path,
     refuse_url,
     resume_command,
 )
@@ -25,6 +24,8 @@ from cxrgen.model.bundle import BundleSource, resolve_model
 from cxrgen.provenance import encode_image, provenance_of, read_provenance
 from cxrgen.runs.journal import read_records
 from cxrgen.runs.state import image_ok, read_run_json
+from cxrgen.storage.base import METADATA, Store
+from cxrgen.storage.open import open_store
 
 _SUFFIXES = {"jpg": (".jpg", ".jpeg"), "png": (".png",)}
 
@@ -34,7 +35,7 @@ class ReproduceResult:
     """How a regenerated image compares with the stored one (pixels after decoding both files)."""
 
     image_id: str
-    stored: Path  # the run's file
+    stored: Path | str  # the run's file (a URL in an object store)
     output: Path | None  # where the regenerated image was written, if asked
     device: str
     dtype: str
@@ -58,14 +59,15 @@ def reproduce_image(out: str | Path, image_id: str, *, bundle_source: BundleSour
 
     for what, value in (("--model", model), ("--text-encoder", text_encoder), ("--out", output)):
         refuse_url(value, what)
-    out = local_path(out, "OUT")
+    out = open_store(out)
     saved = read_run_json(out)
     if saved is None:
         raise InputError(f"{out} is not a cxrgen run (no run.json); give the output folder of a run")
     config = RunConfig.from_dict(saved["config"])
     record = _find_record(out, image_id)
-    stored = inside(out, record["file_name"])
-    if not image_ok(stored):
+    stored = out.local / record["file_name"] if out.local is not None else out.where(record["file_name"])
+    original = out.read_bytes(inside(Path("."), record["file_name"]).as_posix())
+    if original is None or not image_ok(io.BytesIO(original)):
         raise InputError(f"{stored} is missing or damaged, so there is nothing to compare; "
                          f"`{resume_command(out)}` remakes it")
     output = _check_output(out, output, config.image_format)
@@ -91,31 +93,30 @@ def reproduce_image(out: str | Path, image_id: str, *, bundle_source: BundleSour
     engine = make_engine(config, bundle, text, device, dtype)
     # 2. one image, from the same inputs the run recorded
     pixels = engine.run_batch([_work_item(record)])[0].numpy()
-    data = encode_image(pixels, config.image_format, config.jpeg_quality, _marker(record, stored))
+    data = encode_image(pixels, config.image_format, config.jpeg_quality, _marker(record, original))
     if output is not None:
         atomic_write(output, data)
     # 3. compare what a viewer sees: both files decoded (a JPEG run's stored pixels are the decoded JPEG)
-    original = stored.read_bytes()
     diff = np.abs(_decode(data) - _decode(original))
     return ReproduceResult(image_id, stored, output, str(engine.options.device), dtype, int(diff.max()),
                            float(diff.mean()), float((diff == 0).mean()), data == original)
 
 
-def _marker(record: dict, stored: Path) -> dict | None:
+def _marker(record: dict, stored: bytes) -> dict | None:
     """The marker the stored file carries, so identical pixels give identical bytes (older runs carry none)."""
-    return provenance_of(record) if read_provenance(stored) is not None else None
+    return provenance_of(record) if read_provenance(io.BytesIO(stored)) is not None else None
 
 
-def _find_record(out: Path, image_id: str) -> dict:
+def _find_record(out: Store, image_id: str) -> dict:
     """The image's metadata row: metadata.parquet once the run is complete, else the journal."""
-    table = out / "metadata.parquet"
-    if table.is_file():
+    if out.sizes([METADATA])[0] is not None:
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(table)
+        with out.open_input(METADATA) as handle:
+            rows = pq.read_table(handle)
         rows = rows.filter(pc.equal(rows.column("image_id"), image_id)).to_pylist()
-        hint = f"the ids are in the image_id column of {table}"
+        hint = f"the ids are in the image_id column of {out.where(METADATA)}"
     else:
         found = read_records(out).get(image_id)
         rows = [found] if found else []
@@ -134,7 +135,7 @@ def _work_item(record: dict) -> WorkItem:
                     guidance_scale=float(record["guidance_scale"]))
 
 
-def _check_output(out: Path, output: str | Path | None, image_format: str) -> Path | None:
+def _check_output(out: Store, output: str | Path | None, image_format: str) -> Path | None:
     """Refuse, before loading anything, a target that would be mistaken for run data or has the wrong suffix."""
     if output is None:
         return None
@@ -144,9 +145,11 @@ def _check_output(out: Path, output: str | Path | None, image_format: str) -> Pa
                          f"name it *{_SUFFIXES[image_format][0]}")
     if output.is_dir():
         raise InputError(f"--out {output} is a folder; give a file name such as {output / ('copy' + output.suffix)}")
-    inside = output.resolve().parent
-    for folder in (out / "images", out / STATE_DIR):
-        if inside == folder.resolve() or folder.resolve() in inside.parents:
+    if is_url(str(output)):
+        raise InputError(f"--out {output}: the copy is written to a local file; give a local path")
+    parent = output.resolve().parent
+    for folder in (out.local / "images", out.local / STATE_DIR) if out.local is not None else ():
+        if parent == folder.resolve() or folder.resolve() in parent.parents:
             # cxrgen status would report the copy as an orphan (or it would replace the image itself)
             raise InputError(f"--out {output} is inside the run's {folder.name}/ folder; write it outside {out}")
     return output

@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 import torch
 
 from cxrgen.errors import InputError, Interrupted, RunError
-from cxrgen.files import atomic_write, file_check, resume_command
+from cxrgen.files import file_check, resume_command
 from cxrgen.provenance import encode_image, provenance_of
 from cxrgen.runs.journal import Journal
 from cxrgen.runs.loop import (
@@ -35,6 +35,7 @@ from cxrgen.runs.verify import (
     kept_record,
     rejected_name,
 )
+from cxrgen.storage.base import Store
 
 _SCORE_BATCH = 16  # images per classifier call: its activations stay small beside the UNet's on a shared GPU
 
@@ -100,7 +101,7 @@ class VerifyingLoop(BatchLoop):
     """BatchLoop over Units: retries join later batches with other work, so no GPU batch shrinks to one image
     while fresh work is left (the run's last attempts may form smaller batches)."""
 
-    def __init__(self, engine, out: Path, journal: Journal, common: dict, image_format: str, jpeg_quality: int,
+    def __init__(self, engine, out: Store, journal: Journal, common: dict, image_format: str, jpeg_quality: int,
                  token_info: Callable[[str], dict], on_done: Callable[[int], None], verifier: Verifier,
                  batch_size: int, writer: str):
         super().__init__(engine, out, journal, common, image_format, jpeg_quality, token_info, on_done)
@@ -212,7 +213,7 @@ class VerifyingLoop(BatchLoop):
         return outcome
 
     def _write(self, name: str, data: bytes) -> None:
-        atomic_write(self.out / name, data)
+        self.out.write_bytes(name, data)
 
     def _decide(self, unit: Unit, record: dict, data: bytes, scores: dict, outcome: _Outcome) -> None:
         settings = self.verifier.verification
@@ -236,14 +237,14 @@ class VerifyingLoop(BatchLoop):
             outcome.images.append(kept_record(attempt, True))
         elif unit.attempt + 1 < settings.max_attempts:
             outcome.retries.append(Unit(unit.item, unit.attempt + 1, targets=unit.targets, best=best))
-        elif best is attempt or holds(self.out / unit.item.file_name, best):
+        elif best is attempt or holds(self.out.local / unit.item.file_name, best):
             outcome.images.append(kept_record(best, False))
         else:  # the best attempt's file is gone: make that attempt again, its verdict is known
             outcome.retries.append(Unit(unit.item, int(best["attempt"]), judge=False, targets=unit.targets,
                                         keep={"verified": False, "verify_score": best.get("verify_score")}))
 
 
-def verifying_loop(engine, out: Path, journal: Journal, common: dict, config, token_info, on_done, name: str,
+def verifying_loop(engine, out: Store, journal: Journal, common: dict, config, token_info, on_done, name: str,
                    verification: Verification | None = None) -> VerifyingLoop:
     """The loop of one --verify worker; a worker process rebuilds `verification` from its config and run.json."""
     from cxrgen.model.engine import default_batch_size

@@ -15,12 +15,13 @@ import sys
 import time
 from pathlib import Path
 
+import boto3
 import numpy as np
 import pandas as pd
 import pytest
 import tiny_eval as te
 import torch
-from helpers import assert_input_error
+from helpers import assert_input_error, bucket_objects, upload_run
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
@@ -311,6 +312,30 @@ def test_rerunning_replaces_outputs_and_drops_stale_plots(tmp_path, weights, hom
     assert list(s["findings"]) == ["effusion"] and s["not_evaluated"] == ["edema"]
     assert [p.name for p in (out / "quality").glob("score_*.png")] == ["score_00_effusion.png"]
     assert s["ms_ssim_random"] is None and s["ms_ssim_random_pairs"] == 0
+
+
+def test_a_run_in_a_bucket_is_evaluated_in_place_as_its_local_copy_is(tmp_path, weights, home, s3):
+    labels = {"effusion": [1, 0, 1, 0], "edema": [0, 1, 0, 1]}
+    out = te.make_run(tmp_path / "run", te.images(4, seed=2), labels=labels)
+    url = upload_run(out, s3)
+    assert evaluate(out, "--quiet", "--max-pairs", "4", weights=weights).exit_code == 0
+    stale = "score_07_gone.png"  # a plot of an earlier evaluation of the bucket's run, with other labels
+    s3.gate.requests.clear()
+    boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1").put_object(
+        Bucket=url.split("/")[2], Key=f"run/quality/{stale}", Body=b"old plot")
+    result = evaluate(url, "--quiet", "--max-pairs", "4", weights=weights)
+    assert result.exit_code == 0, result.output
+    found = bucket_objects(s3, url)
+    local = {p.relative_to(out).as_posix(): p.read_bytes() for p in (out / "quality").iterdir()}
+    assert {k for k in found if k.startswith("quality/")} == set(local)  # the stale plot is gone
+    pd.testing.assert_frame_equal(pd.read_parquet(f"{url}/quality/scores.parquet"),
+                                  pd.read_parquet(out / "quality" / "scores.parquet"))
+    remote, here = json.loads(found["quality/summary.json"]), summary_of(out)
+    for key in ("n_images", "n_accepted", "findings", "ms_ssim_within_prompt", "ms_ssim_random", "n_flagged"):
+        assert remote[key] == here[key], key
+    assert remote["out"] == url
+    # metadata.parquet and the images were only read
+    assert not [p for m, p, _, _ in s3.gate.requests if m in ("PUT", "DELETE") and "/quality/" not in p]
 
 
 def test_a_real_generated_run_is_evaluated_and_its_own_columns_are_not_labels(tmp_path, bundle_dir,

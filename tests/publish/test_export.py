@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import tiny_eval as te
 import webdataset as wds
+from helpers import assert_input_error, bucket_objects, upload_run
 from helpers import make_small_run as make_run
 from typer.testing import CliRunner
 
@@ -188,6 +189,39 @@ def test_the_cards_webdataset_examples_read_every_shard_whatever_their_count(run
     # one shard: no brace range
     assert invoke("export", run, "--to", tmp_path / "one").exit_code == 0
     assert 'wds.WebDataset("SHARDS/train-000000.tar")' in (tmp_path / "one" / "README.md").read_text(encoding="utf-8")
+
+
+def test_a_run_in_a_bucket_exports_to_a_bucket_and_to_a_folder_as_a_local_run_does(run, s3, tmp_path):
+    url = upload_run(run, s3)  # the same layout as the folder: what `generate -o s3://...` writes
+    bucket = url.split("/")[2]
+    local = tmp_path / "local"
+    assert invoke("export", run, "--to", local, "--shard-size", "12KB").exit_code == 0
+    # WebDataset shards straight into the bucket, byte for byte the local export's, nothing else beside them
+    result = invoke("export", url, "--to", f"s3://{bucket}/shards", "--shard-size", "12KB")
+    assert result.exit_code == 0, result.output
+    shards = bucket_objects(s3, f"s3://{bucket}/shards")
+    assert shards == {p.name: p.read_bytes() for p in local.iterdir()} and len(shards) >= 2
+    # also from a local run into a bucket, and with --accepted-only (scores read from the bucket)
+    assert invoke("export", run, "--to", f"s3://{bucket}/from-folder", "--shard-size", "12KB").exit_code == 0
+    assert bucket_objects(s3, f"s3://{bucket}/from-folder") == shards
+    assert invoke("export", run, "--accepted-only", "--to", tmp_path / "kept").exit_code == 0
+    assert invoke("export", url, "--accepted-only", "--to", f"s3://{bucket}/kept").exit_code == 0
+    assert bucket_objects(s3, f"s3://{bucket}/kept") == {p.name: p.read_bytes() for p in (tmp_path / "kept").iterdir()}
+    # an imagefolder copy of the bucket's run into a local folder: the local copy's files
+    assert invoke("export", url, "--format", "imagefolder", "--to", tmp_path / "copy").exit_code == 0
+    assert invoke("export", run, "--format", "imagefolder", "--to", tmp_path / "linked").exit_code == 0
+    for path in (tmp_path / "linked").rglob("*"):
+        if path.is_file() and path.name != "README.md":  # the card names where it was exported from
+            assert (tmp_path / "copy" / path.relative_to(tmp_path / "linked")).read_bytes() == path.read_bytes()
+    # refusals: one line, nothing written
+    before = bucket_objects(s3, f"s3://{bucket}/shards")
+    for args, words in ((["--to", f"s3://{bucket}/shards"], "already holds objects"),
+                        (["--format", "imagefolder", "--to", f"s3://{bucket}/folder"], "--format webdataset"),
+                        (["--to", f"{url}/inside"], "inside the run")):
+        refused = invoke("export", url, *args)
+        assert_input_error(refused, words)
+    assert bucket_objects(s3, f"s3://{bucket}/shards") == before
+    assert not bucket_objects(s3, f"s3://{bucket}/folder") and not bucket_objects(s3, f"{url}/inside")
 
 
 # ------------------------------------------------------------------------------------------------ accepted only

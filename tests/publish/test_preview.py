@@ -183,6 +183,12 @@ def test_unfinished_runs_and_other_folders_are_refused_in_one_line(run, tmp_path
     assert_input_error(preview(tmp_path, "--thumb-size", "4"), "--thumb-size 4")
 
 
+def test_a_run_in_a_bucket_is_previewed_from_a_local_copy(tmp_path):
+    assert_input_error(preview("s3://bucket/run"), "s3://bucket/run", "aws s3 sync s3://bucket/run ./run",
+                       "cxrgen preview ./run")
+    assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()
+
+
 def test_a_file_name_outside_the_folder_is_refused(tmp_path):
     out = te.make_run(tmp_path / "out", te.images(1, 0))
     table = pq.read_table(out / "metadata.parquet")

@@ -286,7 +286,7 @@ def test_one_folder_fsync_per_batch_and_always_before_the_records(config, monkey
     """Each image is fsynced and renamed into place; the folder fsync that makes the renames durable runs once
     per folder per batch (not once per image on the loop's critical path), before the batch is recorded."""
     import cxrgen.files
-    import cxrgen.runs.loop
+    import cxrgen.storage.local
     from cxrgen.runs.journal import Journal
 
     events = []
@@ -301,7 +301,7 @@ def test_one_folder_fsync_per_batch_and_always_before_the_records(config, monkey
         real_append(self, records)
 
     monkeypatch.setattr(cxrgen.files, "fsync_dir", fsync_dir)
-    monkeypatch.setattr(cxrgen.runs.loop, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(cxrgen.storage.local, "fsync_dir", fsync_dir)
     monkeypatch.setattr(Journal, "append", append)
     out = generate(config(batch_size=3)).out  # 6 images: 2 batches of 3, all in images/00000
     images = out / "images" / "00000"

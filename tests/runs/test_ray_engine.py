@@ -29,7 +29,7 @@ from cxrgen.files import STATE_DIR
 from cxrgen.manifests.workitems import load_plan
 from cxrgen.runs.generate import generate, load_engine, resume, sample_batches
 from cxrgen.runs.journal import Journal, RECORDS_DIR, read_records
-from cxrgen.runs.lock import FolderLock, holder_name
+from cxrgen.storage.locks import FolderLock, holder_name
 from cxrgen.runs.loop import batches_of
 from cxrgen.runs.ray_engine import BatchWorker, RayCluster, placement
 from cxrgen.runs.workers import Rank

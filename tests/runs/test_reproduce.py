@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import tiny
+from helpers import bucket_objects, upload_run
 from typer.testing import CliRunner
 
 from cxrgen.cli import app
@@ -109,3 +111,13 @@ def test_cli_bad_input_exits_2_with_one_line(jpg_alone, tmp_path, image_id, extr
     assert len(lines) == 1 and lines[0].startswith("cxrgen: error: "), result.stderr
     assert all(word in lines[0] for word in words), lines[0]
     assert not (jpg_alone / "images" / "copy.jpg").exists()
+
+
+def test_an_image_of_a_run_in_a_bucket_is_remade_and_compared(png_alone, s3, tmp_path):
+    url = upload_run(png_alone, s3)
+    image_id = pq.read_table(png_alone / "metadata.parquet").column("image_id").to_pylist()[1]
+    result = reproduce_image(url, image_id, output=tmp_path / "copy.png")
+    assert result.same_bytes and result.max_abs_diff == 0 and result.stored.startswith(f"{url}/images/")
+    assert (tmp_path / "copy.png").read_bytes() == bucket_objects(s3, url)[result.stored[len(url) + 1:]]
+    with pytest.raises(InputError, match="image id 'nope' is not in the run s3://"):
+        reproduce_image(url, "nope")

@@ -31,12 +31,13 @@ from typer.testing import CliRunner
 import cxrgen.files
 import cxrgen.runs.generate
 import cxrgen.runs.journal
-import cxrgen.runs.lock
+import cxrgen.storage.local
+import cxrgen.storage.locks
 from cxrgen.cli import app
 from cxrgen.errors import InputError, RunError
 from cxrgen.files import STATE_DIR, TMP_MARK
 from cxrgen.runs.journal import RECORDS_DIR
-from cxrgen.runs.lock import FolderLock
+from cxrgen.storage.locks import FolderLock
 from cxrgen.runs.state import inspect_run
 
 JOURNAL = f"{RECORDS_DIR}/part-main.jsonl"
@@ -164,7 +165,7 @@ def _kill_on_replace(name_test):
 
 def _kill_on_image(n: int, after: bool):
     """SIGKILL at the n-th image write: before anything is written, or just after its rename."""
-    import cxrgen.runs.loop as loop
+    import cxrgen.storage.local as loop  # a local store's image writes
     real = loop.atomic_write
 
     def atomic_write(path, data, **options):  # options: e.g. sync_folder (the loop syncs the folder once a batch)
@@ -201,7 +202,7 @@ def _kill_on_journal(n: int, torn: bool):
 
 def _kill_on_metadata():
     import cxrgen.runs.state as state
-    state.write_metadata = lambda *a, **k: _die()
+    state.merge_metadata = lambda *a, **k: _die()
 
 
 def _pause_at_batch(n: int):
@@ -403,7 +404,7 @@ def test_lock_refuses_a_second_holder_and_tolerates_file_systems_without_locks(t
 
     def no_locks(*_a):
         raise OSError(errno.ENOSYS, "Function not implemented")
-    monkeypatch.setattr(cxrgen.runs.lock.fcntl, "flock", no_locks)  # e.g. Lustre without -o flock
+    monkeypatch.setattr(cxrgen.storage.locks.fcntl, "flock", no_locks)  # e.g. Lustre without -o flock
     with FolderLock(state), FolderLock(state):
         pass  # runs unprotected instead of blaming a process that does not exist
 
@@ -458,8 +459,8 @@ def test_full_disk_or_io_error_ends_cleanly_then_resume_completes(where, err, vi
         handle = real_open(file, mode, *a, **k)
         return _FailingFile(handle, fail_on, err) if failing(Path(file).name) else handle
     with monkeypatch.context() as patch:
-        # images are written by cxrgen.files.atomic_write, records by the journal: patch the module that opens the file
-        patch.setattr(cxrgen.files if where == "image" else cxrgen.runs.journal, "open", fake_open, raising=False)
+        patch.setattr(cxrgen.storage.local, "open", fake_open, raising=False)  # the journal's part files
+        patch.setattr(cxrgen.files, "open", fake_open, raising=False)  # images' temporary files
         if via == "cli":
             result = runner.invoke(app, args(out))
             assert result.exit_code == 1

@@ -27,7 +27,8 @@ from typer.testing import CliRunner
 import cxrgen.files
 import cxrgen.runs.generate
 import cxrgen.runs.journal
-import cxrgen.runs.lock
+import cxrgen.storage.local
+import cxrgen.storage.locks
 from cxrgen.cli import app
 from cxrgen.config import RunConfig
 from cxrgen.errors import InputError
@@ -37,7 +38,7 @@ from cxrgen.model import demo
 from cxrgen.model.engine import resolve_dtype
 from cxrgen.runs.generate import generate
 from cxrgen.runs.journal import RECORDS_DIR, read_records
-from cxrgen.runs.lock import FolderLock, InitLock, RankLock
+from cxrgen.storage.locks import FolderLock, InitLock, RankLock
 from cxrgen.runs.state import inspect_run
 
 runner = CliRunner()
@@ -374,7 +375,7 @@ def test_a_rank_clears_the_stale_holder_name(args, tmp_path):
 def test_file_systems_without_locks_are_reported_once(manifest, bundle_dir, text_encoder_dir, tmp_path, monkeypatch):
     def no_locks(*_a):
         raise OSError(errno.ENOLCK, "No locks available")
-    monkeypatch.setattr(cxrgen.runs.lock.fcntl, "flock", no_locks)
+    monkeypatch.setattr(cxrgen.storage.locks.fcntl, "flock", no_locks)
     lines: list[str] = []
     config = RunConfig(manifest=str(manifest), out=str(tmp_path / "out"), model=str(bundle_dir),
                        text_encoder=str(text_encoder_dir), steps=1, image_format="png")
@@ -397,7 +398,7 @@ def test_temporary_names_are_unique_across_hosts_and_processes(tmp_path, monkeyp
 
 def test_run_json_is_written_by_one_process_under_the_init_lock(args, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real = cxrgen.runs.generate.write_json
+    real = cxrgen.storage.local.write_json
     held = []
 
     def write_json(path, data):
@@ -411,7 +412,7 @@ def test_run_json_is_written_by_one_process_under_the_init_lock(args, tmp_path, 
         finally:
             os.close(fd)
         real(path, data)
-    monkeypatch.setattr(cxrgen.runs.generate, "write_json", write_json)
+    monkeypatch.setattr(cxrgen.storage.local, "write_json", write_json)
     assert runner.invoke(app, args(out), env={"RANK": "0", "WORLD_SIZE": "2"}).exit_code == 3
     assert runner.invoke(app, args(out), env={"RANK": "1", "WORLD_SIZE": "2"}).exit_code == 0
     assert held == [True]  # written once, by the first rank, while it held the lock
