@@ -202,3 +202,28 @@ def bucket_objects(s3, url: str) -> dict[str, bytes]:
         for item in page.get("Contents", []):
             found[item["Key"][len(prefix) + 1:]] = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
     return found
+
+
+# ------------------------------------------------------------------ the five-prompt run of the workers and Ray tests
+
+FIVE_PROMPTS = ["Pleural effusion", "Left pneumothorax", "No acute findings", "Cardiomegaly", "Lobar pneumonia"]
+VOLATILE = ["created_at", "worker"]  # metadata columns that differ between equal runs
+
+
+def five_prompt_manifest(folder: Path) -> Path:
+    """m.csv: the five prompts with a label column `finding`."""
+    import pandas as pd
+
+    path = folder / "m.csv"
+    pd.DataFrame({"prompt": FIVE_PROMPTS, "finding": [1, 0, 0, 1, 1]}).to_csv(path, index=False)
+    return path
+
+
+def five_prompt_config(manifest, out, bundle_dir, text_encoder_dir, **kw):
+    """A RunConfig of 2 PNG images per prompt at 2 steps in batches of 2; kw overrides any field."""
+    from cxrgen.config import RunConfig
+
+    options = dict(steps=2, num_images=2, batch_size=2, image_format="png", quiet=True)
+    return RunConfig(manifest=str(manifest), out=str(out), model=str(bundle_dir), text_encoder=str(text_encoder_dir),
+                     **{**options, **kw})
+

@@ -111,8 +111,8 @@ def export_run(options: ExportOptions) -> ExportResult:
         if options.format == "webdataset":
             names, copied = _write_shards(out, table, staging, options.shard_size, lambda name, path: None), 0
             # a card naming the real shards (OUT's card cannot: it was written before any export)
-            write_card(staging, table, run, note=f"Exported by `cxrgen export --format webdataset` from the run {out}.",
-                       shards=names)
+            write_card(staging, table, run, shards=names, note=f"Exported by `cxrgen export --format webdataset` "
+                       f"from the run {out}: {_kept_what(options, table.num_rows, total)}.")
         else:
             names, copied = _write_imagefolder(out, table, staging, run, _kept_what(options, table.num_rows, total))
         fsync_dir(staging)

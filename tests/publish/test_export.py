@@ -200,13 +200,21 @@ def test_a_run_in_a_bucket_exports_to_a_bucket_and_to_a_folder_as_a_local_run_do
     result = invoke("export", url, "--to", f"s3://{bucket}/shards", "--shard-size", "12KB")
     assert result.exit_code == 0, result.output
     shards = bucket_objects(s3, f"s3://{bucket}/shards")
-    assert shards == {p.name: p.read_bytes() for p in local.iterdir()} and len(shards) >= 2
+    # the same shards and card; the card names the run it came from (the folder, or the bucket)
+    card = shards.pop("README.md").decode("utf-8")
+    assert card == (local / "README.md").read_text(encoding="utf-8").replace(str(run), url)
+    assert shards == {p.name: p.read_bytes() for p in local.iterdir() if p.name != "README.md"} and len(shards) >= 2
     # also from a local run into a bucket, and with --accepted-only (scores read from the bucket)
     assert invoke("export", run, "--to", f"s3://{bucket}/from-folder", "--shard-size", "12KB").exit_code == 0
-    assert bucket_objects(s3, f"s3://{bucket}/from-folder") == shards
+    from_folder = bucket_objects(s3, f"s3://{bucket}/from-folder")
+    assert from_folder.pop("README.md").decode("utf-8") == (local / "README.md").read_text(encoding="utf-8")
+    assert from_folder == shards
     assert invoke("export", run, "--accepted-only", "--to", tmp_path / "kept").exit_code == 0
     assert invoke("export", url, "--accepted-only", "--to", f"s3://{bucket}/kept").exit_code == 0
-    assert bucket_objects(s3, f"s3://{bucket}/kept") == {p.name: p.read_bytes() for p in (tmp_path / "kept").iterdir()}
+    kept = bucket_objects(s3, f"s3://{bucket}/kept")
+    assert kept.pop("README.md").decode("utf-8") == \
+        (tmp_path / "kept" / "README.md").read_text(encoding="utf-8").replace(str(run), url)
+    assert kept == {p.name: p.read_bytes() for p in (tmp_path / "kept").iterdir() if p.name != "README.md"}
     # an imagefolder copy of the bucket's run into a local folder: the local copy's files
     assert invoke("export", url, "--format", "imagefolder", "--to", tmp_path / "copy").exit_code == 0
     assert invoke("export", run, "--format", "imagefolder", "--to", tmp_path / "linked").exit_code == 0

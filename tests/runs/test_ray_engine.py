@@ -18,7 +18,8 @@ import pandas as pd
 import pytest
 import ray
 import tiny
-from helpers import assert_input_error
+from helpers import VOLATILE, assert_input_error, five_prompt_manifest
+from helpers import five_prompt_config as config
 from typer.testing import CliRunner
 
 import cxrgen.runs.generate
@@ -34,22 +35,12 @@ from cxrgen.runs.loop import batches_of
 from cxrgen.runs.ray_engine import BatchWorker, RayCluster, placement
 from cxrgen.runs.workers import Rank
 
-PROMPTS = ["Pleural effusion", "Left pneumothorax", "No acute findings", "Cardiomegaly", "Lobar pneumonia"]
-VOLATILE = ["created_at", "worker"]
 TESTS = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("m") / "m.csv"
-    pd.DataFrame({"prompt": PROMPTS, "finding": [1, 0, 0, 1, 1]}).to_csv(path, index=False)
-    return path
-
-
-def config(manifest, out, bundle_dir, text_encoder_dir, **kw) -> RunConfig:
-    options = dict(steps=2, num_images=2, batch_size=2, image_format="png", quiet=True)
-    return RunConfig(manifest=str(manifest), out=str(out), model=str(bundle_dir), text_encoder=str(text_encoder_dir),
-                     **{**options, **kw})
+    return five_prompt_manifest(tmp_path_factory.mktemp("m"))
 
 
 @pytest.fixture(scope="module")

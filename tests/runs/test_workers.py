@@ -14,6 +14,8 @@ import pandas as pd
 import pytest
 import tiny
 import torch
+from helpers import VOLATILE, five_prompt_manifest
+from helpers import five_prompt_config as config
 from PIL import Image
 
 import cxrgen.runs.generate
@@ -31,21 +33,10 @@ from cxrgen.runs.workers import (
     rank_share,
 )
 
-PROMPTS = ["Pleural effusion", "Left pneumothorax", "No acute findings", "Cardiomegaly", "Lobar pneumonia"]
-VOLATILE = ["created_at", "worker"]
-
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("m") / "m.csv"
-    pd.DataFrame({"prompt": PROMPTS, "finding": [1, 0, 0, 1, 1]}).to_csv(path, index=False)
-    return path
-
-
-def config(manifest, out, bundle_dir, text_encoder_dir, **kw) -> RunConfig:
-    options = dict(steps=2, num_images=2, batch_size=2, image_format="png", quiet=True)
-    return RunConfig(manifest=str(manifest), out=str(out), model=str(bundle_dir), text_encoder=str(text_encoder_dir),
-                     **{**options, **kw})
+    return five_prompt_manifest(tmp_path_factory.mktemp("m"))
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +236,7 @@ def test_a_worker_makes_its_gpu_current_before_loading_anything(manifest, bundle
     events = queue.Queue()
     with pytest.raises(RuntimeError, match="stop here"):
         cxrgen.runs.generate.worker_main(config(manifest, tmp_path / "out", bundle_dir, text_encoder_dir), "root",
-                                         "cuda:1", "bfloat16", "w1", None, torch.get_num_threads(), 0,
+                                         "cuda:1", "bfloat16", "w1", None, torch.get_num_threads(), 0, (0, 1),
                                          queue.Queue(), events)
     assert calls == [("set_device", "cuda:1"), ("load_models", "cuda:1")]
     assert events.get_nowait()[0] == "error"
@@ -289,8 +280,8 @@ def test_the_parent_of_gpu_workers_never_reads_gpu_memory(manifest, bundle_dir, 
     generate(config(manifest, tmp_path / "out", bundle_dir, text_encoder_dir, device="cuda", batch_size=0))
     assert seen["devices"] == ["cuda:0", "cuda:1"]
     assert [len(b) for b in seen["batches"]] == [CHUNK, 10 - CHUNK]  # chunks, not batches
-    *_, dtype, name, hook, threads, gather = seen["args"]
-    assert dtype == "bfloat16" and gather == 5  # each worker gathers at most its share of the 10 images
+    *_, dtype, name, hook, threads, gather, share = seen["args"]
+    assert dtype == "bfloat16" and gather == 5 and share == (0, 1)  # each worker gathers at most its share of the 10 images
     assert seen["ahead"] * len(seen["devices"]) * CHUNK >= 2 * 128  # enough queued for the largest batches
 
 
@@ -315,7 +306,7 @@ def test_a_worker_gathers_its_own_batches_and_makes_the_same_images(manifest, si
         return engine
 
     cxrgen.runs.generate.worker_main(cfg, str(bundle_dir), "cpu", "float32", "w0", sized_like_a_gpu,
-                                     torch.get_num_threads(), len(plan), tasks, events)
+                                     torch.get_num_threads(), len(plan), (0, 1), tasks, events)
     assert sizes == [3, 3, 3, 1]
     finished = [e for e in list(events.queue) if e[0] == "finished"]
     assert finished == [("finished", "w0", 10, finished[0][3])]
