@@ -71,16 +71,18 @@ def read_records(out: Store | Path, fields: tuple[str, ...] | None = None,
     records: dict[str, dict] = {}
     stamps: dict[str, str] = {}
     clocks: dict[str, str] = {}  # per writer: the latest stamp so far (its later lines are later)
-    for part in open_store(out).record_parts(share):
-        table = _arrow_part(part, schema) if fast else None
+    # a part in pieces (a local part file in blocks): the bytes held are a piece's, not a part's
+    pieces = ((part.writer, _Bytes(data)) for part in open_store(out).record_parts(share) for data in part.chunks())
+    for writer, piece in pieces:
+        table = _arrow_part(piece, schema) if fast else None
         if table is not None:
             columns = [table.column(name).to_pylist() for name in read]
             rows = (dict(zip(read, values)) for values in zip(*columns))
         else:
-            rows = (r if read is None else {k: r.get(k) for k in read} for r in _read_part(part))
+            rows = (r if read is None else {k: r.get(k) for k in read} for r in _read_part(piece))
         for record in rows:
             image_id = record.get("image_id")
-            stamp = clocks[part.writer] = max(record.get("created_at") or "", clocks.get(part.writer, ""))
+            stamp = clocks[writer] = max(record.get("created_at") or "", clocks.get(writer, ""))
             if image_id not in stamps or stamp >= stamps[image_id]:
                 records[image_id], stamps[image_id] = record, stamp
     if keep is not None and "created_at" not in keep:

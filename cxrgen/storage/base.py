@@ -1,10 +1,11 @@
-"""The one interface a run is read and written through, whether it lives in a local folder or under an object-store prefix.
+"""The one interface a run is read and written through, in a local folder or under an object-store prefix.
 
 Names are relative, "/"-separated (`images/00000/00000042.jpg`, `run.json`). Both implementations keep the same
-promises with their own means (docs/generating.md, "How a run is committed"):
+promises with their own means (docs/storage.md: "The commit protocol for object stores", "The local protocol"):
 - an image or a table appears whole or not at all (write_bytes, commit);
 - a batch's record exists only after its images (RecordWriter.write is called after their write_bytes);
-- run.json and metadata.parquet are written once (create_json, commit);
+- run.json and metadata.parquet are created once (create_json, commit; a resume that adds an array split to
+  run.json, or merges again after remaking images, replaces them on purpose);
 - who may write which share of the plan is decided by claims that a killed holder cannot keep for ever.
 
 A share is (rank, world_size): the images whose plan index modulo world_size is rank; a plain run is (0, 1).

@@ -5,7 +5,7 @@ Every request is retried with exponential backoff and jitter on transient failur
 connections); one that outlasts the retries becomes one line (RunError, resumable). Credentials come from the
 usual places (AWS variables, profiles, roles; AWS_ENDPOINT_URL for S3-compatible stores) and never appear in a
 message: the few server texts that are quoted are scrubbed of the credential values in the environment.
-The protocol itself is written down in docs/generating.md ("How a run is committed").
+The protocol itself is written down in docs/storage.md ("The commit protocol for object stores").
 """
 from __future__ import annotations
 
@@ -27,8 +27,13 @@ from cxrgen.storage.claims import ClaimBook
 MERGES_DIR = f"{STATE_DIR}/merges"
 _PROBE = f"{STATE_DIR}/write-probe"
 _SECRETS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+# Answers to retry: throttling, server errors, a clock off by minutes (403 RequestTimeTooSkewed: the SDK re-signs
+# with the server's time), and a conditional write that raced another operation on the key (409
+# ConditionalRequestConflict / OperationAborted: S3 asks the caller to retry; the retry then finds the key taken
+# or free and answers as a first try would).
 _THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
-              "InternalError", "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequests", "503"}
+              "InternalError", "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequests", "503",
+              "ConditionalRequestConflict", "OperationAborted"}
 _CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired",
                 "InvalidClientTokenId", "AuthorizationHeaderMalformed"}
 _MULTIPART_FROM = 256 * 2**20  # bytes: bigger files are committed in parts, so memory stays at one part
@@ -74,10 +79,10 @@ def classify(exc: BaseException) -> str:
         return "bucket"
     if isinstance(exc, FileExistsError) or code == "PreconditionFailed":
         return "exists"
-    if code in ("AccessDenied", "AllAccessDisabled", "Forbidden") or status == 403 or isinstance(exc, PermissionError):
-        return "permission"
     if status >= 500 or code in _THROTTLED or status == 429:
         return "transient"
+    if code in ("AccessDenied", "AllAccessDisabled", "Forbidden") or status == 403 or isinstance(exc, PermissionError):
+        return "permission"
     if isinstance(exc, FileNotFoundError) or code in ("NoSuchKey", "NotFound", "404"):
         return "absent"
     if isinstance(exc, (ConnectionError, TimeoutError)) or names & {

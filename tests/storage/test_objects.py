@@ -6,6 +6,8 @@ End-to-end runs are in tests/runs/test_object_store.py.
 """
 from __future__ import annotations
 
+import json
+
 import threading
 import time
 
@@ -186,6 +188,15 @@ def test_throttling_and_server_errors_are_retried(store, s3):
     assert len(puts) == 4 and len(gets) == 3
 
 
+def test_a_conditional_write_that_raced_another_operation_is_retried_and_decided_as_a_first_try(store, s3):
+    # S3 answers a create-if-absent that races another operation on the key with 409 ConditionalRequestConflict
+    s3.gate.fail("PUT", "/run.json", 409, "ConditionalRequestConflict", 1)
+    assert store.create_json("run.json", {"config": {}, "settings": {}}) is True  # retried: the key was free
+    s3.gate.fail("PUT", "/run.json", 409, "ConditionalRequestConflict", 1)
+    assert store.create_json("run.json", {"config": {"other": 1}, "settings": {}}) is False  # retried: taken
+    assert json.loads(store.read_bytes("run.json")) == {"config": {}, "settings": {}}
+
+
 def test_a_failure_that_outlasts_the_retries_is_one_resumable_line(s3):
     url = f"s3://{s3.bucket()}/run"
     store = ObjectStore(url, *parse_url(url), attempts=3, backoff_s=0.01)
@@ -205,7 +216,10 @@ def test_a_failure_that_outlasts_the_retries_is_one_resumable_line(s3):
                                                                                           "permission"),
                                                  (404, "NoSuchBucket", "bucket"), (404, "NoSuchKey", "absent"),
                                                  (412, "PreconditionFailed", "exists"),
-                                                 (403, "InvalidAccessKeyId", "credentials")])
+                                                 (403, "InvalidAccessKeyId", "credentials"),
+                                                 (409, "ConditionalRequestConflict", "transient"),
+                                                 (409, "OperationAborted", "transient"),
+                                                 (403, "RequestTimeTooSkewed", "transient")])
 def test_errors_are_classified_by_status_and_code(status, code, kind):
     error = botocore.exceptions.ClientError({"Error": {"Code": code, "Message": "m"},
                                              "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
