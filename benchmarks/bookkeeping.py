@@ -43,6 +43,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+LINKS_PER_FILE = 60_000  # hard links per tiny source file in the merge row (below ext4's 65,000 per inode)
 ROWS_IMAGES = 10  # images per manifest row in the scale runs (a class-balanced set repeats prompts)
 
 
@@ -255,9 +256,10 @@ def part_merge(args) -> dict:
     from cxrgen.files import file_check, write_json
     from cxrgen.manifests.reader import read_manifest
     from cxrgen.manifests.workitems import iter_plan
-    from cxrgen.runs.generate import _pixel_settings, _run_json, load_models
+    from cxrgen.runs.generate import _pixel_settings, load_models
     from cxrgen.runs.journal import Journal
     from cxrgen.runs.loop import make_record
+    from cxrgen.runs.record import run_record
 
     root = Path(args.root)
     started = time.perf_counter()
@@ -271,29 +273,33 @@ def part_merge(args) -> dict:
     settings = _pixel_settings(cfg, m, range(args.images), "float32", loaded.md5, text.fingerprint)
     out = Path(cfg.out)
     out.mkdir()
-    write_json(out / "run.json", _run_json(cfg, m, settings, loaded, ["cpu"]))
+    write_json(out / "run.json", run_record(cfg, m, settings, loaded, ["cpu"]))
     tiny = io.BytesIO()
     Image.fromarray(np.full((8, 8), 128, np.uint8)).save(tiny, format="JPEG", quality=95)
-    (out / "tiny.jpg").write_bytes(tiny.getvalue())
     check = file_check(tiny.getvalue())
+    sources: list[Path] = []  # one tiny file per LINKS_PER_FILE images (ext4 allows 65,000 links to a file)
     common = {"steps": 1, "scheduler": "ddim", "height": 512, "width": 512, "model_name": "m", "model_version": "1",
               "autoencoder_md5": "0" * 32, "diffusion_model_md5": "0" * 32, "text_encoder": str(text_dir),
               "dtype": "float32", "device_type": "cpu", "cxrgen_version": "bench", "worker": "main",
               "text_encoder_fingerprint": text.fingerprint}
     journal, chunk, folders = Journal(out, "main"), [], set()
-    for item in plan():
+    for number, item in enumerate(plan()):
         path = out / item.file_name
         if path.parent not in folders:
             path.parent.mkdir(parents=True, exist_ok=True)
             folders.add(path.parent)
-        os.link(out / "tiny.jpg", path)
+        if number % LINKS_PER_FILE == 0:
+            sources.append(out / f"tiny-{len(sources)}.jpg")
+            sources[-1].write_bytes(tiny.getvalue())
+        os.link(sources[-1], path)
         chunk.append({**make_record(item, common, {"token_count": 12, "truncated": False}), **check})
         if len(chunk) == 10_000:
             journal.append(chunk)
             chunk = []
     journal.append(chunk)
     journal.close()
-    (out / "tiny.jpg").unlink()
+    for source in sources:
+        source.unlink()
     build_s = time.perf_counter() - started
     done = subprocess.run([sys.executable, __file__, "--part", "merge-only", "--root", str(out)],
                           capture_output=True, text=True, check=False)

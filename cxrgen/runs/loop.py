@@ -103,30 +103,36 @@ class BatchLoop:
         if error is not None:
             raise error
 
-    def run(self, batches: Iterable[list[WorkItem]], guard: SignalGuard) -> None:
+    def run(self, batches: Iterable, guard: SignalGuard) -> None:
         """Process batches until done or a signal; always drains pending writes first."""
-        pending: list[Future] = []
+        self._pending: list[Future] = []
         try:
-            for items in batches:
-                # 1. stop between batches once a signal has arrived
-                guard.check()
-                # 2. sample and decode (the signal flag is checked between UNet calls)
-                images = self.engine.run_batch(items, on_step=guard.check)
-                # 3. hand pixels to writer threads, then journal the previous batch
-                # (hand `pending` over before draining it: a failed drain must not journal it a second time)
-                previous, pending = pending, self._submit(items, images)
-                self._drain(previous)
-            last, pending = pending, []
-            self._drain(last)
+            self._batches(batches, guard)
         except StopRequested:
-            self._drain(pending)
+            self._drain(self._pending)
             raise Interrupted(f"stopped by {signal.Signals(guard.signum).name} after writing {self.written} "
                               f"image(s); finish with `{resume_command(self.out)}`", _EXIT_CODES[guard.signum])
         except BaseException:
-            self._finish_quietly(pending)
+            self._finish_quietly(self._pending)
             raise
         finally:
-            self._pool.shutdown(wait=True)
+            self._close()
+
+    def _batches(self, batches: Iterable[list[WorkItem]], guard: SignalGuard) -> None:
+        for items in batches:
+            # 1. stop between batches once a signal has arrived
+            guard.check()
+            # 2. sample and decode (the signal flag is checked between UNet calls)
+            images = self.engine.run_batch(items, on_step=guard.check)
+            # 3. hand pixels to writer threads, then journal the previous batch
+            # (hand `pending` over before draining it: a failed drain must not journal it a second time)
+            previous, self._pending = self._pending, self._submit(items, images)
+            self._drain(previous)
+        last, self._pending = self._pending, []
+        self._drain(last)
+
+    def _close(self) -> None:
+        self._pool.shutdown(wait=True)
 
     def _finish_quietly(self, pending: list[Future]) -> None:
         try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import signal
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -14,17 +13,11 @@ from typing import Callable, Iterable
 
 import torch
 
-from cxrgen.errors import InputError, Interrupted, RunError
-from cxrgen.files import file_check, resume_command
+from cxrgen.errors import InputError, RunError
+from cxrgen.files import file_check
 from cxrgen.provenance import encode_image, provenance_of
 from cxrgen.runs.journal import Journal
-from cxrgen.runs.loop import (
-    _EXIT_CODES,
-    BatchLoop,
-    SignalGuard,
-    StopRequested,
-    make_record,
-)
+from cxrgen.runs.loop import BatchLoop, SignalGuard, make_record
 from cxrgen.runs.verify import (
     ATTEMPTS_DIR,
     Unit,
@@ -133,35 +126,27 @@ class VerifyingLoop(BatchLoop):
             units.append(self.retries.popleft() if self.retries else carry.popleft())
         return units
 
-    def run(self, batches: Iterable[list[Unit]], guard: SignalGuard) -> None:
-        """Process units until none is left or a signal; always journals pending verdicts and images first."""
+    def _batches(self, batches: Iterable[list[Unit]], guard: SignalGuard) -> None:
+        """Process units until none is left (BatchLoop.run journals pending verdicts and images on a stop)."""
         source, carry = iter(batches), deque()
-        pending: list[Future] = []
-        try:
-            while True:
-                guard.check()
-                units = self._next_units(source, carry, bool(pending))
-                if units is None:
-                    last, pending = pending, []
-                    self._drain(last)
-                    continue
-                if not units:
-                    break
-                images = self.engine.run_batch([u.engine_item for u in units], on_step=guard.check)
-                self.made += len(units)
-                previous, pending = pending, self._submit(units, images)
-                self._drain(previous)
-        except StopRequested:
-            self._drain(pending)
-            raise Interrupted(f"stopped by {signal.Signals(guard.signum).name} after writing {self.written} "
-                              f"image(s); finish with `{resume_command(self.out)}`", _EXIT_CODES[guard.signum])
-        except BaseException:
-            self._finish_quietly(pending)
-            raise
-        finally:
-            self._judge_pool.shutdown(wait=True)
-            self._pool.shutdown(wait=True)
-            self.attempt_journal.close()
+        while True:
+            guard.check()
+            units = self._next_units(source, carry, bool(self._pending))
+            if units is None:
+                last, self._pending = self._pending, []
+                self._drain(last)
+                continue
+            if not units:
+                break
+            images = self.engine.run_batch([u.engine_item for u in units], on_step=guard.check)
+            self.made += len(units)
+            previous, self._pending = self._pending, self._submit(units, images)
+            self._drain(previous)
+
+    def _close(self) -> None:
+        self._judge_pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True)
+        self.attempt_journal.close()
 
     def _submit(self, units: list[Unit], images) -> list[Future]:
         # Tokenize here, on the sampling thread: the tokenizer is not thread-safe (padding state).

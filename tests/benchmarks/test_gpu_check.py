@@ -5,19 +5,14 @@ Not a timing test: the rates only have to be positive; the other figures are the
 """
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def test_gpu_check_tiny_runs_every_check_on_the_cpu(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--tiny", "--workdir", str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=900)
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_gpu_check_tiny_runs_every_check_on_the_cpu(tmp_path, run_benchmark):
+    report, _, proc = run_benchmark("gpu_check.py", "--tiny", "--workdir", tmp_path, check=False)
     assert proc.returncode == 0 and report["ok"] and report["failed"] == [], json.dumps(report, indent=1)[-3000:]
     assert report["device"] == "cpu" and report["tiny"] is True and report["gpus"] == 0
     # the CUDA-only tests exist and skip cleanly without a GPU

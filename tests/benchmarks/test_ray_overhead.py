@@ -2,24 +2,11 @@
 
 Not a timing test: the times only have to be positive numbers; both engines must have made the same files.
 """
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "ray_overhead.py"
 
 
-def test_ray_overhead_script_runs_tiny_and_prints_both_times(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--tiny", "--images", "4", "--steps", "1", "--repeats", "1", "--workers", "2",
-         "--workdir", str(tmp_path / "work")],
-        capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
-    report = json.loads(lines[-1])
+def test_ray_overhead_script_runs_tiny_and_prints_both_times(tmp_path, run_benchmark):
+    report, lines, _ = run_benchmark("ray_overhead.py", "--tiny", "--images", "4", "--steps", "1", "--repeats", "1",
+                                     "--workers", "2", "--workdir", tmp_path / "work")
     assert report["device"] == "cpu" and report["workers"] == 2 and report["images"] == 4 and report["repeats"] == 1
     for key in ("local_s", "ray_s", "ray_start_s", "local_images_per_s", "ray_images_per_s"):
         assert report[key] > 0, key

@@ -2,24 +2,11 @@
 
 Not a timing test: the rates only have to be positive numbers.
 """
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "throughput.py"
 
 
-def test_throughput_script_runs_tiny_and_prints_both_rates(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--images", "2", "--steps", "1",
-         "--repeats", "1", "--workdir", str(tmp_path / "work")],
-        capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
-    report = json.loads(lines[-1])
+def test_throughput_script_runs_tiny_and_prints_both_rates(tmp_path, run_benchmark):
+    report, lines, _ = run_benchmark("throughput.py", "--tiny", "--device", "cpu", "--images", "2", "--steps", "1",
+                                     "--repeats", "1", "--workdir", tmp_path / "work", timeout=600)
     for key in ("device", "steps", "images", "reference_images_per_s", "cxrgen_images_per_s", "ratio",
                 "bundle_cli_images_per_s", "peak_memory_bytes"):
         assert key in report, key

@@ -2,24 +2,11 @@
 
 Not a timing test: the figures only have to be consistent (positive times, a share between 0 and 1).
 """
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "verify.py"
 
 
-def test_verify_benchmark_runs_tiny_and_reports_the_classifier_share(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--images", "2", "--steps", "1",
-         "--repeats", "1", "--workdir", str(tmp_path / "work")],
-        capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
-    report = json.loads(lines[-1])
+def test_verify_benchmark_runs_tiny_and_reports_the_classifier_share(tmp_path, run_benchmark):
+    report, lines, _ = run_benchmark("verify.py", "--tiny", "--device", "cpu", "--images", "2", "--steps", "1",
+                                     "--repeats", "1", "--workdir", tmp_path / "work")
     assert report["benchmark"] == "verify" and report["device"] == "cpu"
     assert (report["steps"], report["images"], report["architecture"]) == (1, 2, "tiny")
     assert report["plain_loop_s"] > 0 and report["verify_loop_s"] > 0 and report["classifier_s"] > 0

@@ -20,7 +20,6 @@ from cxrgen.model.devices import (
     is_out_of_memory,
 )
 from cxrgen.model.engine import Engine, EngineOptions
-from cxrgen.model.text_encoder import load_text_encoder
 
 STEPS = 2
 PROMPTS = ["Small left pleural effusion.", "Right lower lobe consolidation.", "Mild cardiomegaly.",
@@ -28,11 +27,6 @@ PROMPTS = ["Small left pleural effusion.", "Right lower lobe consolidation.", "M
            "Bibasilar atelectasis.", "Hyperinflated lungs."]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def text(text_encoder_dir):
-    return load_text_encoder(str(text_encoder_dir), "cpu")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from cxrgen.config import RunConfig
 from cxrgen.manifests.workitems import WorkItem, load_plan
 from cxrgen.model.bundle import load_bundle, read_spec
 from cxrgen.model.engine import Engine, EngineOptions
-from cxrgen.model.text_encoder import load_text_encoder
 from cxrgen.provenance import encode_image
 from cxrgen.runs.generate import generate
 from cxrgen.runs.loop import batches_of
@@ -26,11 +25,6 @@ CUDA = torch.cuda.is_available()
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def text(text_encoder_dir):
-    return load_text_encoder(str(text_encoder_dir), "cpu")
 
 
 @pytest.fixture(scope="module")

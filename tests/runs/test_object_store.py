@@ -419,3 +419,41 @@ def test_a_missing_s3_package_is_named_with_its_install_command(s3, args, monkey
     monkeypatch.setitem(sys.modules, "s3fs", None)
     refused = runner.invoke(app, args(f"s3://{s3.bucket()}/run"))
     assert_input_error(refused, "s3fs", 'pip install "cxrgen[s3]"')
+
+
+# ---------------------------------------------------------------- the documented array jobs
+
+
+def _generate_params(argv: list[str]) -> dict:
+    """The parameters `cxrgen generate` parses from argv (unknown options and bad values are refused)."""
+    import typer
+
+    assert argv[:2] == ["cxrgen", "generate"]
+    command = typer.main.get_command(app).commands["generate"]
+    return command.make_context("generate", argv[2:], resilient_parsing=False).params
+
+
+def test_the_indexed_job_and_the_batch_array_examples_write_one_bucket_with_valid_command_lines(monkeypatch):
+    """examples/k8s-indexed-job-s3.yaml and examples/aws-batch-array-s3.json: valid files, a `cxrgen generate` into
+    an s3:// prefix that parses, and a shard split that cxrgen reads from each scheduler's variables."""
+    import yaml
+
+    from cxrgen.runs.workers import shard_from_env
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    job = yaml.safe_load((examples / "k8s-indexed-job-s3.yaml").read_text())
+    spec = job["spec"]
+    assert job["kind"] == "Job" and spec["completionMode"] == "Indexed"
+    container = spec["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    assert int(env["CXRGEN_SHARDS"]) == spec["completions"]  # a Job does not export its size
+    params = _generate_params(container["command"] + container.get("args", []))
+    assert str(params["out"]).startswith("s3://")
+    request = shard_from_env({"JOB_COMPLETION_INDEX": "7", "CXRGEN_SHARDS": env["CXRGEN_SHARDS"]}, None)
+    assert (request.task, request.count) == (7, spec["completions"])
+    batch = json.loads((examples / "aws-batch-array-s3.json").read_text())
+    size = batch["arrayProperties"]["size"]
+    params = _generate_params(batch["containerOverrides"]["command"])
+    assert str(params["out"]).startswith("s3://")
+    request = shard_from_env({"AWS_BATCH_JOB_ARRAY_INDEX": "3", "AWS_BATCH_JOB_ARRAY_SIZE": str(size)}, None)
+    assert (request.task, request.count) == (3, size)
