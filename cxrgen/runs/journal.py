@@ -57,7 +57,7 @@ class Journal:
 
 def read_records(out: Store | Path, fields: tuple[str, ...] | None = None,
                  share: tuple[int, int] | None = None) -> dict[str, dict]:
-    """Every recorded image by image_id, its latest record (`latest_positions`); a torn last line is skipped.
+    """Every recorded image by image_id, its latest record (`WriterClocks`); a torn last line is skipped.
 
     fields: keep only these keys (image_id is always read). Then the journal is parsed by Arrow's
     multi-threaded JSON reader: a million records in seconds instead of a minute. share: only records that
@@ -69,8 +69,8 @@ def read_records(out: Store | Path, fields: tuple[str, ...] | None = None,
     fast = read is not None and all(name in _FIELD_TYPES for name in read)
     schema = pa.schema([(name, _FIELD_TYPES[name]) for name in read]) if fast else None
     records: dict[str, dict] = {}
-    stamps: dict[str, str] = {}
-    clocks: dict[str, str] = {}  # per writer: the latest stamp so far (its later lines are later)
+    ranks: dict[str, str] = {}
+    clocks = WriterClocks()
     # a part in pieces (a local part file in blocks): the bytes held are a piece's, not a part's
     pieces = ((part.writer, _Bytes(data)) for part in open_store(out).record_parts(share) for data in part.chunks())
     for writer, piece in pieces:
@@ -80,43 +80,39 @@ def read_records(out: Store | Path, fields: tuple[str, ...] | None = None,
             rows = (dict(zip(read, values)) for values in zip(*columns))
         else:
             rows = (r if read is None else {k: r.get(k) for k in read} for r in _read_part(piece))
-        for record in rows:
+        rows = list(rows)
+        for record, rank in zip(rows, clocks.stamps(writer, [r.get("created_at") for r in rows])):
             image_id = record.get("image_id")
-            stamp = clocks[writer] = max(record.get("created_at") or "", clocks.get(writer, ""))
-            if image_id not in stamps or stamp >= stamps[image_id]:
-                records[image_id], stamps[image_id] = record, stamp
+            if image_id not in ranks or rank >= ranks[image_id]:
+                records[image_id], ranks[image_id] = record, rank
     if keep is not None and "created_at" not in keep:
         for record in records.values():
             record.pop("created_at", None)
     return records
 
 
-def latest_positions(image_ids: list, stamps: list, writers: list) -> dict:
-    """image_id -> position of its latest record among records listed writer by writer, in write order.
+class WriterClocks:
+    """Which record of an image is its latest, the one that describes its file.
 
-    The latest record of an image describes its file: a resume that remakes a lost or damaged image (or a Ray
-    actor that retried a batch) records it again (new size and CRC-32, possibly other bytes through float
-    rounding), so verify, resume and the merge all read the last one. Within one writer's journal that is the
-    later line, even if its clock stepped back; between writers (workers, ranks, shards, a later resume) the
-    later `created_at` (ISO 8601 UTC, so the text sorts in time order), each writer's stamps taken as their
-    running maximum, a tie going to the record listed later. `effective_stamps` gives those stamps.
+    A resume that remakes a lost or damaged image (or a Ray actor that retried a batch) records it again (new
+    size and CRC-32, possibly other bytes through float rounding), so verify, resume, status and the merge all
+    read the last one. Within one writer's journal that is the later line, even if its clock stepped back;
+    between writers (workers, ranks, shards, a later resume) the later `created_at` (ISO 8601 UTC, so the text
+    sorts in time order). Both hold when each record is ranked by its writer's running maximum of
+    `created_at` (`stamps`), a tie going to the record read later.
     """
-    best: dict = {}
-    for position, (image_id, stamp) in enumerate(zip(image_ids, effective_stamps(stamps, writers))):
-        held = best.get(image_id)
-        if held is None or stamp >= held[1]:
-            best[image_id] = (position, stamp)
-    return {image_id: held[0] for image_id, held in best.items()}
 
+    def __init__(self) -> None:
+        self._latest: dict[str, str] = {}
 
-def effective_stamps(stamps: list, writers: list) -> list[str]:
-    """Each record's created_at raised to the latest one its writer recorded before it (a missing one is "")."""
-    clocks: dict = {}
-    result = []
-    for stamp, writer in zip(stamps, writers):
-        clocks[writer] = max(stamp or "", clocks.get(writer, ""))
-        result.append(clocks[writer])
-    return result
+    def stamps(self, writer: str, created_at: list) -> list[str]:
+        """The ranks of a writer's next records, in the order it wrote them (a missing stamp counts as "")."""
+        latest, ranks = self._latest.get(writer, ""), []
+        for stamp in created_at:
+            latest = max(stamp or "", latest)
+            ranks.append(latest)
+        self._latest[writer] = latest
+        return ranks
 
 
 def _read_part(part: RecordPart):
@@ -166,24 +162,6 @@ class _Bytes(RecordPart):
 
     def read(self) -> bytes:
         return self.data
-
-
-def read_record_table(out: Store | Path, image_ids: list[str]) -> pa.Table:
-    """The metadata columns of the latest record of each of `image_ids`, in that order (`latest_positions`).
-
-    Arrow reads the journals (a million records in seconds and a fraction of the memory of Python
-    dicts); a journal with a damaged line is read line by line instead. Every id must be recorded.
-    """
-    tables, writers = [], []
-    for part in open_store(out).record_parts():
-        table = _arrow_part(part, METADATA_SCHEMA)
-        tables.append(table if table is not None else
-                      pa.Table.from_pylist(list(_read_part(part)), schema=METADATA_SCHEMA))
-        writers += [part.writer] * tables[-1].num_rows
-    table = pa.concat_tables([t.select(METADATA_SCHEMA.names).cast(METADATA_SCHEMA) for t in tables]) \
-        if tables else METADATA_SCHEMA.empty_table()
-    latest = latest_positions(table.column("image_id").to_pylist(), table.column("created_at").to_pylist(), writers)
-    return table.take(pa.array([latest[i] for i in image_ids], type=pa.int64()))
 
 
 def metadata_table(records: list[dict] | pa.Table, labels: pa.Table, rows: list[int]) -> pa.Table:

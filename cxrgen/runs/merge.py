@@ -2,7 +2,7 @@
 
 Memory is bounded by a row group, not by the dataset: the records are read part by part (a part file in
 blocks) and spilled to local disk by plan-index range; each range is then sorted, the latest record per image
-kept (journal.latest_positions: a remade image's later record describes its file), joined with the plan and
+kept (journal.WriterClocks: a remade image's later record describes its file), joined with the plan and
 the manifest's labels, and written as one row group of a local parquet file, which is committed once at the end (a rename in a
 folder, a create-if-absent upload in an object store). The dataset card's counts are gathered on the way.
 """
@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from cxrgen.files import STATE_DIR, TMP_MARK
 from cxrgen.manifests.workitems import WorkItem
 from cxrgen.runs.card import Facts
-from cxrgen.runs.journal import METADATA_SCHEMA, effective_stamps, label_column_names, record_tables
+from cxrgen.runs.journal import METADATA_SCHEMA, WriterClocks, label_column_names, metadata_table, record_tables
 from cxrgen.storage.base import METADATA, Store
 
 ROW_GROUP = 65_536  # rows per row group of metadata.parquet: the merge holds about one of these at a time
@@ -77,13 +77,11 @@ def _spill(store: Store, folder: Path, first: np.ndarray, counts: np.ndarray) ->
     schema = METADATA_SCHEMA.append(pa.field("_index", pa.int64())).append(pa.field("_seq", pa.int64())) \
         .append(pa.field("_stamp", pa.string()))
     writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
-    clocks: dict[str, str] = {}  # per journal writer: its latest created_at so far
+    clocks = WriterClocks()
     seq = 0
     try:
         for writer, table in record_tables(store, METADATA_SCHEMA):
-            stamps = effective_stamps([clocks.get(writer, "")] + table.column("created_at").to_pylist(),
-                                      [writer] * (table.num_rows + 1))[1:]
-            clocks[writer] = stamps[-1] if stamps else clocks.get(writer, "")
+            stamps = clocks.stamps(writer, table.column("created_at").to_pylist())
             rows = table.column("manifest_row").to_numpy(zero_copy_only=False)
             samples = table.column("sample_index").to_numpy(zero_copy_only=False)
             rows = np.nan_to_num(rows.astype(np.float64), nan=-1).astype(np.int64)  # a record without a row: skip
@@ -125,10 +123,7 @@ def _write(store: Store, target: Path, items: Iterable[WorkItem], planned: int, 
             # the plan's file names: the same as recorded, stated once by the plan
             table = table.set_column(table.schema.get_field_index("file_name"), "file_name",
                                      pa.array([item.file_name for item in chunk], pa.string()))
-            if label_names:
-                picked = labels.take(pa.array([item.row - 1 for item in chunk], type=pa.int64()))
-                for name, column in zip(label_names, picked.columns):
-                    table = table.append_column(name, column)
+            table = metadata_table(table, labels, [item.row for item in chunk])
             writer.write_table(table, row_group_size=ROW_GROUP)
             facts.add(table)
     return facts
@@ -137,8 +132,8 @@ def _write(store: Store, target: Path, items: Iterable[WorkItem], planned: int, 
 def _latest_records(path: Path, chunk: list[WorkItem]) -> pa.Table | None:
     """The latest record of each image of chunk, in plan order; None when one is missing or names another image.
 
-    Latest as journal.latest_positions says: the later created_at (a writer's stamps as their running maximum),
-    a tie going to the record read later."""
+    Latest as journal.WriterClocks says: the later rank (a writer's running maximum of created_at), a tie going
+    to the record read later."""
     if not path.is_file():
         return None
     with pa.ipc.open_stream(str(path)) as reader:
